@@ -1,0 +1,169 @@
+"""The one image decoding path for training and inference: any file, bytes, PIL image or array to RGB uint8.
+
+Conversion rules, so that every source gives the same pixels:
+
+- EXIF orientation is applied (all 8 orientations); the result is upright.
+- Transparency (alpha bands, palette or grey/RGB ``transparency`` keys) is composited over white.
+- 16-bit modes (``I;16*``) keep their top 8 bits (``>> 8``). Mode ``I`` is how PIL decodes 16-bit PGM/PPM
+  files, so it gets the same 16-bit scale; values outside 0..65535 saturate.
+- Mode ``F`` follows PIL's convention for floats, the 0..255 scale: rounded, clipped to 0..255, NaN to 0.
+- Everything else (1, L, P, CMYK incl. Adobe JPEG CMYK, YCbCr, ...) goes through PIL's own ``convert("RGB")``.
+- Arrays: HxW, HxWx1, HxWx3 or HxWx4 of uint8, uint16 (``>> 8``) or float in [0, 1] (``x 255``, rounded).
+
+Truncated or corrupt data is an error, never silently padded: PIL's global ``LOAD_TRUNCATED_IMAGES`` is
+left alone. The pixel limit is checked from the header, before any pixel is decoded, without touching
+PIL's global limit or the warning filters (``warnings.catch_warnings`` is process-wide and not thread-safe,
+and datasets are checked from a thread pool). PIL's own limit still applies first: it refuses images above
+twice ``PIL.Image.MAX_IMAGE_PIXELS`` whatever ``max_pixels`` says.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from finegrain.errors import FinegrainError
+
+MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS  # default limit of width * height; None disables it
+
+# Orientations 5-8 turn the picture by 90 degrees, so width and height swap.
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+# What PIL and its decoders raise on bad data (PIL's own Image.open catches the same family).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error,
+                  Image.DecompressionBombError)  # fmt: skip
+
+
+class ImageDecodeError(FinegrainError):
+    """An image that cannot be turned into RGB pixels; ``problem`` is the one-line reason."""
+
+    def __init__(self, source: str, problem: str, fix: str) -> None:
+        super().__init__(f"{source}: {problem}; {fix}")
+        self.source = source
+        self.problem = problem
+
+
+def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, *,
+             max_pixels: int | None = MAX_PIXELS) -> np.ndarray:  # fmt: skip
+    """Decode ``source`` to an upright HxWx3 uint8 C-contiguous RGB array (a new, writable one).
+
+    ``max_pixels`` limits width * height of encoded sources (paths and bytes); None disables it.
+    Raises ImageDecodeError for missing, empty, non-image, truncated, corrupt or oversized sources.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        with _translated("<PIL image>"):
+            return _pil_to_rgb(source)
+    if isinstance(source, bytes):
+        fp, name = io.BytesIO(source), "<bytes>"
+    elif isinstance(source, str | Path):
+        fp, name = Path(source), str(source)
+    else:
+        raise TypeError(f"load_rgb takes a path, bytes, PIL image or array, not {type(source).__name__}")
+    with _translated(name, fp), Image.open(fp) as image:
+        _check_pixels(image.size, max_pixels, name)
+        return _pil_to_rgb(image)
+
+
+def check_image(path: str | Path, *, max_pixels: int | None = MAX_PIXELS) -> str | None:
+    """None when ``load_rgb(path)`` succeeds, else its one-line problem ("no such file", "truncated", ...).
+
+    It decodes fully, because truncation only shows at the end of the data.
+    """
+    try:
+        load_rgb(Path(path), max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        return e.problem
+    return None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the upright image, read from the header without decoding pixels."""
+    path = Path(path)
+    with _translated(str(path), path), Image.open(path) as image:
+        # PngImageFile.getexif decodes the whole image when no eXIf chunk precedes the pixels; the base
+        # method reads only what open() parsed, which is where the orientation lives in practice.
+        orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+        width, height = image.size
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    image = ImageOps.exif_transpose(image)  # loads the pixels; a new image, so the caller's stays as it was
+    if image.mode.startswith("I"):
+        # PIL's convert would clip at 255; keep the top 8 bits of the 16-bit range instead.
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        values = np.clip(np.rint(np.nan_to_num(np.asarray(image))), 0, 255)
+        image = Image.fromarray(values.astype(np.uint8))
+    if image.has_transparency_data:
+        # Over black, transparent backgrounds would become dark blobs the network learns as a cue.
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return np.array(image.convert("RGB"))
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.size == 0 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ImageDecodeError("<array>", f"shape {array.shape} is not an image",
+                               "pass HxW, HxWx1, HxWx3 or HxWx4 pixels (height first)")  # fmt: skip
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype.kind == "f":
+        if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise ImageDecodeError("<array>", "float pixels outside [0, 1]",
+                                   "scale float images to [0, 1] or pass uint8")  # fmt: skip
+        array = np.rint(array * 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageDecodeError("<array>", f"unsupported dtype {array.dtype}",
+                               "pass uint8, uint16 or float pixels in [0, 1]")  # fmt: skip
+    return _pil_to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    pixels = size[0] * size[1]
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageDecodeError(name, f"decompression bomb ({pixels:,} pixels > limit {max_pixels:,})",
+                               "pass a larger max_pixels if you trust this file")  # fmt: skip
+
+
+@contextmanager
+def _translated(name: str, fp: Path | io.BytesIO | None = None) -> Iterator[None]:
+    """Turn what the OS or PIL raises into one ImageDecodeError naming ``name``, its problem and the fix."""
+    try:
+        yield
+    except _DECODE_ERRORS as e:
+        raise ImageDecodeError(name, *_diagnose(e, fp)) from e
+
+
+def _diagnose(error: Exception, fp: Path | io.BytesIO | None) -> tuple[str, str]:
+    """(problem, fix) for an error of the OS or PIL."""
+    message = str(error)
+    if isinstance(error, FileNotFoundError):
+        return "no such file", "check the path or the dataset folder"
+    if isinstance(error, UnidentifiedImageError):
+        empty = fp is not None and _is_empty(fp)
+        return "empty file" if empty else "not an image", "replace it with a JPEG or PNG photo, or remove it"
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"decompression bomb (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels)",
+                "raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file")  # fmt: skip
+    if "truncated" in message.lower():
+        return "truncated", "the data ends early; download or export it again"
+    if isinstance(error, ValueError) and "conversion" in message:
+        return f"unsupported image mode ({message})", "save it as RGB"
+    if isinstance(error, OSError) and error.strerror:  # the OS could not read it (permissions, a folder)
+        return f"cannot read ({error.strerror})", "check the path and its permissions"
+    return f"corrupt image data ({message})", "download or export it again"
+
+
+def _is_empty(fp: Path | io.BytesIO) -> bool:
+    return fp.getbuffer().nbytes == 0 if isinstance(fp, io.BytesIO) else fp.stat().st_size == 0

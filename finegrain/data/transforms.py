@@ -1,0 +1,90 @@
+"""albumentations pipelines built from a model's preprocessing config, carrying the bird box and part points.
+
+The box rides through the pipeline as its two corners, among the keypoints: albumentations' own box handling
+drops boxes that leave the crop, and a dataset must never lose a sample's annotation silently. Corners also
+tell us whether the image was flipped, so left/right parts can be swapped back to the bird's own left/right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# finegrain/__init__.py has set NO_ALBUMENTATIONS_UPDATE before this import can run.
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+
+from finegrain.data.cub import PART_NAMES
+
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
+                  "area": cv2.INTER_AREA}  # fmt: skip
+# 0-based part indices swapped by a horizontal flip: (left eye, right eye), (left leg, ...), (left wing, ...)
+MIRRORED_PARTS = [(PART_NAMES.index(f"left {p}"), PART_NAMES.index(f"right {p}")) for p in ("eye", "leg", "wing")]
+
+
+@dataclass
+class Augment:
+    """Training augmentation; the defaults keep a small bird inside most crops."""
+
+    scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
+    seed: int | None = None  # albumentations has its own RNG that global seeds do not reach
+
+
+def build_transform(preprocessing: dict, train: bool, augment: Augment | None = None) -> A.Compose:
+    """Train: random resized crop, flip, mild colour jitter. Eval: resize by crop_pct, then centre crop."""
+    size = int(preprocessing["img_size"])
+    interpolation = INTERPOLATIONS[preprocessing.get("interpolation", "bilinear")]
+    if train:
+        augment = augment or Augment()
+        steps = [A.RandomResizedCrop(size=(size, size), scale=tuple(augment.scale), ratio=tuple(augment.ratio),
+                                     interpolation=interpolation, p=1.0)]  # fmt: skip
+        if augment.hflip > 0:
+            steps.append(A.HorizontalFlip(p=augment.hflip))
+        if augment.color_jitter > 0:
+            c = augment.color_jitter
+            steps.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=0.0, p=0.8))
+    else:
+        resize = int(round(size / float(preprocessing.get("crop_pct", 1.0))))
+        steps = [A.SmallestMaxSize(max_size=resize, interpolation=interpolation, p=1.0),
+                 A.CenterCrop(height=size, width=size, p=1.0)]  # fmt: skip
+    steps += [A.Normalize(mean=preprocessing["mean"], std=preprocessing["std"], max_pixel_value=255.0, p=1.0),
+              ToTensorV2()]  # fmt: skip
+    return A.Compose(
+        steps,
+        keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
+        seed=augment.seed if train and augment else None,
+    )
+
+
+def apply_transform(transform: A.Compose, image: np.ndarray, box: tuple[float, float, float, float],
+                    parts: np.ndarray) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Transform an image with its box (x, y, w, h pixels) and parts ((P, 3): x, y, visible).
+
+    Returns the image tensor, the box as normalised (x1, y1, x2, y2) in [0, 1] of the output, the parts as
+    normalised (x, y) and their visibility (visible in the annotation and inside the output).
+    """
+    x, y, w, h = box
+    keypoints = np.concatenate([[[x, y], [x + w, y + h]], parts[:, :2]]).astype(np.float32)
+    out = transform(image=image, keypoints=keypoints)
+    tensor = out["image"]
+    height, width = tensor.shape[-2:]
+    points = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2) / np.array([width, height], np.float32)
+    corners, part_xy = points[:2], points[2:].copy()
+    visible = parts[:, 2] > 0
+    if corners[0, 0] > corners[1, 0]:  # the corners crossed: the image was mirrored
+        for left, right in MIRRORED_PARTS:
+            part_xy[[left, right]] = part_xy[[right, left]]
+            visible[[left, right]] = visible[[right, left]]
+    inside = (part_xy >= 0).all(axis=1) & (part_xy <= 1).all(axis=1)
+    norm_box = np.clip(np.concatenate([corners.min(axis=0), corners.max(axis=0)]), 0.0, 1.0)
+    return {
+        "image": tensor,
+        "box": torch.from_numpy(norm_box),
+        "parts": torch.from_numpy(part_xy),
+        "part_visible": torch.from_numpy(visible & inside),
+    }

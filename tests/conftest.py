@@ -1,0 +1,20 @@
+"""Shared test fixtures: the real CUB subset beside the checkout, and a small synthetic CUB folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CUB_ROOT = SHARED / "data" / "CUB_200_2011"
+
+needs_cub = pytest.mark.skipif(not (CUB_ROOT / "images.txt").is_file(), reason=f"real CUB subset not at {CUB_ROOT}")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic bird dataset in the CUB layout, shared by the tests of one session."""
+    from finegrain.data.synth import synthesize_birds
+
+    return synthesize_birds(tmp_path_factory.mktemp("synth") / "birds", num_classes=4, per_class=12, seed=0)
