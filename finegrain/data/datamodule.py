@@ -1,0 +1,198 @@
+"""The LightningDataModule over a CUB-layout folder: the real dataset, a class subset, or synthetic birds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from finegrain.data.cub import CUBMetadata, CUBRecord, check_cub, read_cub, split_train_val
+from finegrain.data.images import load_rgb
+from finegrain.data.transforms import Augment, apply_transform, build_transform
+from finegrain.errors import FinegrainError
+from finegrain.models.backbones import preprocessing_config
+
+log = logging.getLogger(__name__)
+
+
+def crop_to_box(image: np.ndarray, record: CUBRecord) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """The "with boxes" setting: the ground-truth box crop, with parts moved into its frame."""
+    height, width = image.shape[:2]
+    x, y, w, h = record.box
+    x0, y0 = int(max(0, np.floor(x))), int(max(0, np.floor(y)))
+    x1, y1 = int(min(width, np.ceil(x + w))), int(min(height, np.ceil(y + h)))
+    parts = record.parts.copy()
+    parts[:, 0] -= x0
+    parts[:, 1] -= y0
+    return image[y0:y1, x0:x1], (0.0, 0.0, float(x1 - x0), float(y1 - y0)), parts
+
+
+class CUBDataset(Dataset):
+    """Records -> dicts of image tensor, label, normalised box (x1, y1, x2, y2), parts and their visibility."""
+
+    def __init__(self, records: list[CUBRecord], transform, use_boxes: bool = False):
+        self.records = records
+        self.transform = transform
+        self.use_boxes = use_boxes
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        image = load_rgb(record.path)
+        box, parts = record.box, record.parts
+        if self.use_boxes:
+            image, box, parts = crop_to_box(image, record)
+        sample = apply_transform(self.transform, image, box, parts)
+        sample["label"] = torch.tensor(record.label)
+        sample["index"] = torch.tensor(index)
+        return sample
+
+
+class CUBDataModule(pl.LightningDataModule):
+    """CUB-200-2011 (or any folder in its layout) with an optional class subset and a seeded validation split.
+
+    Args:
+        root: folder holding images.txt etc.
+        classes: official class ids to use ("1-10", "1-10,15", a list); labels are renumbered from 0.
+        val_fraction: share of each class's official train images held out for validation (seeded, stratified).
+        split_seed: seed of that split.
+        use_boxes: train and evaluate on the ground-truth box crop (the literature's "with boxes" setting).
+        backbone: timm model name whose preprocessing (mean, std, size, crop_pct, interpolation) is used.
+        img_size: input size; None keeps the backbone's default.
+        crop_pct: eval resize = img_size / crop_pct before the centre crop; None keeps the backbone's default.
+        augment: training augmentation.
+        skip_broken: train without missing or undecodable images (reporting how many) instead of stopping.
+        synthesize: if root has no dataset yet, write synthetic birds there first, with these arguments of
+            `finegrain data synth` (e.g. {num_classes: 10, per_class: 40, seed: 0}).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/CUB_200_2011",
+        classes: str | list[int] | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        use_boxes: bool = False,
+        backbone: str = "resnet50",
+        img_size: int | None = None,
+        crop_pct: float | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        augment: Augment | None = None,
+        skip_broken: bool = False,
+        synthesize: dict | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root).expanduser()
+        if synthesize is not None and not (self.root / "images.txt").is_file():
+            synthesize_once(self.root, synthesize)
+        self.classes = classes
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.use_boxes = use_boxes
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.augment = augment or Augment()
+        self.skip_broken = skip_broken
+        self.metadata: CUBMetadata = read_cub(self.root, classes)
+        if not self.metadata.records:
+            raise FinegrainError(f"no images of classes {classes!r} are listed in {self.root / 'images.txt'}")
+        preprocessing = preprocessing_config(backbone, img_size)
+        if crop_pct is not None:
+            preprocessing["crop_pct"] = crop_pct
+        # Plain types only: this travels into checkpoints, which load with weights_only=True.
+        self.preprocessing = preprocessing
+        self.datasets: dict[str, CUBDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.metadata.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        records = self._usable_records()
+        train, val = split_train_val([r for r in records if r.is_train], self.val_fraction, self.split_seed)
+        test = [r for r in records if not r.is_train]
+        train_tf = build_transform(self.preprocessing, train=True, augment=self.augment)
+        eval_tf = build_transform(self.preprocessing, train=False)
+        self.datasets = {
+            "train": CUBDataset(train, train_tf, self.use_boxes),
+            "val": CUBDataset(val, eval_tf, self.use_boxes),
+            "test": CUBDataset(test, eval_tf, self.use_boxes),
+        }
+        log.info("CUB data: %d train / %d val / %d test images, %d classes",
+                 len(train), len(val), len(test), self.num_classes)  # fmt: skip
+
+    def _usable_records(self) -> list[CUBRecord]:
+        """Stop before the first step if any selected image is missing or broken, unless told to skip them."""
+        report = check_cub(self.root, self.classes)
+        if not report.problems:
+            return self.metadata.records
+        if not self.skip_broken:
+            raise FinegrainError(
+                f"{report.format()}\nFix these, choose classes whose images are present (data.classes), "
+                "or pass --data.skip_broken true to train without the unusable images"
+            )
+        unusable = set(report.missing) | {path for path, _ in report.broken}
+        records = [r for r in self.metadata.records if r.path not in unusable]
+        log.warning("skipping %d missing or broken images of %d (data.skip_broken)",
+                    len(self.metadata.records) - len(records), len(self.metadata.records))  # fmt: skip
+        if not records:
+            raise FinegrainError(f"no usable images left in {self.root} after skipping the broken ones")
+        return records
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def synthesize_once(root: Path, arguments: dict) -> None:
+    """Write synthetic birds to a temporary sibling and rename it into place, so that concurrent processes
+    (DDP ranks) never see a half-written folder."""
+    from finegrain.data.synth import synthesize_birds
+
+    if root.exists() and any(root.iterdir()):
+        raise FinegrainError(f"{root} exists but holds no images.txt: empty it or point data.root elsewhere")
+    log.warning("no dataset at %s yet: writing synthetic birds there (%s)", root, arguments)
+    staging = root.parent / f".{root.name}.partial-{os.getpid()}"
+    synthesize_birds(staging, overwrite=True, **arguments)
+    try:
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        staging.rename(root)
+    except OSError:
+        if not (root / "images.txt").is_file():
+            raise
+        shutil.rmtree(staging)  # another process finished first

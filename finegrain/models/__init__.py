@@ -1,0 +1,31 @@
+"""Networks only: plain nn.Modules that return a `ModelOutput`. Lightning wraps them in finegrain.tasks."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from finegrain.errors import FinegrainError
+from finegrain.models.classifier import Classifier
+from finegrain.models.result import ModelOutput
+
+# method name -> network class; each takes num_classes, backbone, weights and its own keyword arguments.
+NETWORKS: dict[str, type[nn.Module]] = {"baseline": Classifier}
+
+
+def build_network(method: str, **kwargs) -> nn.Module:
+    """Make the network of a method from its config arguments."""
+    if method not in NETWORKS:
+        raise FinegrainError(f"model.method {method!r} is unknown; choose one of {sorted(NETWORKS)}")
+    network = NETWORKS[method]
+    accepted = inspect.signature(network).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise FinegrainError(
+            f"model.method_args {unknown} do not belong to method {method!r}; it takes {sorted(accepted)}"
+        )
+    return network(**kwargs)
+
+
+__all__ = ["NETWORKS", "ModelOutput", "build_network"]

@@ -1,0 +1,28 @@
+"""The baseline: a timm backbone and a linear classifier on its pooled features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finegrain.models.backbones import create_backbone
+from finegrain.models.result import ModelOutput
+
+
+class Classifier(nn.Module):
+    """Any timm backbone + dropout + linear head; the head is separate so it can take a higher learning rate."""
+
+    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):  # fmt: skip
+        super().__init__()
+        timm_kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        self.backbone = create_backbone(backbone, weights=weights, num_classes=0, **timm_kwargs)
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.backbone.num_features, num_classes)
+
+    def lr_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by learning-rate group; the task scales each group's rate from the config."""
+        return {"backbone": list(self.backbone.parameters()), "head": list(self.head.parameters())}
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        return ModelOutput(logits=self.head(self.dropout(self.backbone(images))))

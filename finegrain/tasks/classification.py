@@ -1,0 +1,154 @@
+"""The shared classification task: any network from the registry, losses, metrics, optimiser and schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from finegrain.models import ModelOutput, build_network
+
+
+class MeanClassAccuracy(Metric):
+    """Top-1 accuracy of each class, averaged over the classes that occur in the targets.
+
+    torchmetrics' macro average also counts classes that were only predicted, as zeros, which understates the
+    figure on any split that lacks some classes.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.add_state("correct", torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        hits = (logits.argmax(dim=1) == labels).float()
+        self.correct.index_add_(0, labels, hits)
+        self.total.index_add_(0, labels, torch.ones_like(hits))
+
+    def compute(self) -> torch.Tensor:
+        present = self.total > 0
+        return (self.correct[present] / self.total[present]).mean()
+
+
+def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Micro top-1 and top-5 (what CUB papers report) and mean per-class accuracy."""
+    return MetricCollection(
+        {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            "mean_class": MeanClassAccuracy(num_classes),
+        },
+        prefix=prefix,
+    )
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: float = 0.01) -> float:
+    """Learning-rate factor: linear warm-up from ~0 to 1, then cosine down to `min_factor`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ClassificationTask(pl.LightningModule):
+    """Trains a network from `finegrain.models.NETWORKS` with cross-entropy on its fused and branch logits.
+
+    Args:
+        num_classes: linked from the data module.
+        method: the network, a key of `finegrain.models.NETWORKS` ("baseline", ...).
+        backbone: timm model name.
+        weights: "none", "timm" (hub, needs the network), "embedded-lite0", or a local weights file.
+        method_args: further keyword arguments of the method's network.
+        drop_rate: dropout before the classifier.
+        label_smoothing: cross-entropy label smoothing.
+        optimizer: "sgd" (momentum, Nesterov) or "adamw".
+        lr: learning rate of the head; other groups are scaled by `lr_scales`.
+        lr_scales: learning-rate factor per parameter group of the network (e.g. {"backbone": 0.1}).
+        weight_decay, momentum: optimiser settings.
+        warmup_epochs: linear warm-up length (fractions allowed), then cosine decay to 1% over the run.
+        class_names, preprocessing: linked from the data module and stored in checkpoints for inference.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        method: str = "baseline",
+        backbone: str = "resnet50",
+        weights: str = "none",
+        method_args: dict | None = None,
+        drop_rate: float = 0.0,
+        label_smoothing: float = 0.0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.01,
+        lr_scales: dict[str, float] | None = None,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        class_names: list[str] | None = None,
+        preprocessing: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.network = build_network(method, num_classes=num_classes, backbone=backbone, weights=weights,
+                                     drop_rate=drop_rate, **(method_args or {}))  # fmt: skip
+        self.lr_scales = {"backbone": 0.1} if lr_scales is None else dict(lr_scales)
+        # Keyed "<stage>_metrics": a ModuleDict key may not shadow nn.Module attributes such as `train`.
+        self.metrics = torch.nn.ModuleDict(
+            {f"{stage}_metrics": accuracy_metrics(num_classes, f"{stage}/") for stage in ("train", "val", "test")}
+        )
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        return self.network(images)
+
+    def loss(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the fused logits plus on every branch's own logits."""
+        ce = [F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+              for logits in (output.logits, *output.branch_logits.values())]  # fmt: skip
+        return torch.stack(ce).sum()
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        output = self(batch["image"])
+        loss = self.loss(output, batch["label"])
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(output.logits.detach(), batch["label"])
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
+                 batch_size=len(batch["label"]), sync_dist=not on_step)  # fmt: skip
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": params, "lr": self.hparams.lr * self.lr_scales.get(name, 1.0), "name": name}
+            for name, params in self.network.lr_groups().items()
+            if params
+        ]
+        if self.hparams.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, momentum=self.hparams.momentum, nesterov=True,
+                                        weight_decay=self.hparams.weight_decay)  # fmt: skip
+        else:
+            optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
+        warmup_steps = max(1, int(self.hparams.warmup_epochs * steps_per_epoch))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,80 @@
+"""The classification task: network registry, loss, parameter groups, schedule and metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from finegrain.errors import FinegrainError
+from finegrain.models import ModelOutput, build_network
+from finegrain.tasks.classification import ClassificationTask, accuracy_metrics, warmup_cosine
+
+
+def make_task(**kwargs) -> ClassificationTask:
+    return ClassificationTask(num_classes=6, backbone="test_resnet", **kwargs)
+
+
+def test_warmup_cosine_hand_computed():
+    assert warmup_cosine(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine
+    assert warmup_cosine(20, 4, 20) == pytest.approx(0.01)
+    assert warmup_cosine(99, 4, 20) == pytest.approx(0.01)
+
+
+def test_network_registry_rejects_unknown_methods_and_arguments():
+    with pytest.raises(FinegrainError, match="model.method 'racnn9'"):
+        build_network("racnn9", num_classes=3, backbone="test_resnet")
+    with pytest.raises(FinegrainError, match=r"\['zoom'\] do not belong to method 'baseline'"):
+        build_network("baseline", num_classes=3, backbone="test_resnet", zoom=2)
+
+
+def test_forward_returns_the_shared_result_and_gradients_reach_backbone_and_head():
+    task = make_task()
+    output = task(torch.randn(2, 3, 64, 80))
+    assert isinstance(output, ModelOutput) and output.logits.shape == (2, 6)
+    assert output.boxes == {} and output.branch_logits == {}
+    task.loss(output, torch.tensor([0, 5])).backward()
+    for name, params in task.network.lr_groups().items():
+        assert all(p.grad is not None for p in params), name
+        # timm zero-initialises each block's last norm, so some single tensors may get zero gradient at first
+        assert sum(p.grad.abs().sum() for p in params) > 0, name
+
+
+def test_loss_adds_every_branch():
+    task = make_task(label_smoothing=0.0)
+    logits = torch.zeros(1, 6)
+    output = ModelOutput(logits=logits, branch_logits={"a": logits, "b": logits})
+    assert task.loss(output, torch.tensor([2])).item() == pytest.approx(3 * math.log(6))
+
+
+def test_parameter_groups_take_their_scaled_learning_rate():
+    task = make_task(lr=0.2, lr_scales={"backbone": 0.05}, optimizer="adamw")
+    task.trainer = type("T", (), {"estimated_stepping_batches": 50, "num_training_batches": 10,
+                                  "accumulate_grad_batches": 1})()  # fmt: skip
+    config = task.configure_optimizers()
+    optimizer = config["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    rates = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+    assert rates == pytest.approx({"backbone": 0.01, "head": 0.2})
+    n_backbone = sum(p.numel() for p in task.network.backbone.parameters())
+    assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == n_backbone
+
+
+def test_metrics_are_micro_top1_top5_and_mean_per_class():
+    metrics = accuracy_metrics(7, "val/")
+    logits = torch.eye(7)[[0, 0, 0, 0, 1, 2, 2]] + torch.arange(7).flip(0) * 0.01  # ties broken towards low ids
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 6])
+    result = metrics(logits, labels)
+    assert result["val/top1"] == pytest.approx(5 / 7)  # micro: 5 of 7 images
+    assert result["val/mean_class"] == pytest.approx((1 + 0.5 + 0) / 3)  # mean over the classes present
+    assert result["val/top5"] == pytest.approx(6 / 7)  # class 6 ranks last for the last image
+
+
+def test_hyperparameters_are_plain_types_for_weights_only_loading():
+    task = make_task(class_names=["a"] * 6, preprocessing={"img_size": 64, "mean": [0.5] * 3})
+    allowed = (int, float, str, bool, type(None), list, dict)
+    assert all(isinstance(v, allowed) for v in task.hparams.values())
