@@ -89,11 +89,44 @@ def data_prepare_cub(args: argparse.Namespace) -> int:
     return data_check(argparse.Namespace(root=root, classes=None, fast=False))
 
 
+def show_info(args: list[str]) -> int:
+    """`finegrain info --config X [--model.key value ...] [--num_classes N]`: parameters, GFLOPs, input size."""
+    import torch
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from finegrain.models import build_network
+    from finegrain.models.backbones import preprocessing_config
+    from finegrain.models.complexity import count_gflops, count_parameters
+    from finegrain.tasks.classification import ClassificationTask
+
+    parser = ArgumentParser(prog="finegrain info", description="Size and cost of a recipe's network.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(ClassificationTask, "model", skip={"num_classes", "class_names", "preprocessing"})
+    parser.add_argument("--num_classes", type=int, default=200, help="classifier width (CUB: 200)")
+    for section in ("data", "trainer", "checkpoint"):  # read from the recipe, only data.img_size is used
+        parser.add_argument(f"--{section}", type=dict, default={})
+    parser.add_argument("--run_name", type=str, default="run")
+    parser.add_argument("--seed_everything", type=int | bool, default=True)
+    config = parser.parse_args(args)
+    model = config.model
+    size = preprocessing_config(model.backbone, config.data.get("img_size"))["img_size"]
+    with torch.device("meta"):  # shapes only: no memory, no weights (counts do not depend on them)
+        network = build_network(model.method, num_classes=config.num_classes, backbone=model.backbone,
+                                weights="none", attention=model.attention, attention_stages=model.attention_stages,
+                                drop_rate=model.drop_rate, **(model.method_args or {}))  # fmt: skip
+    attention = f" + {model.attention}" if model.attention != "none" else ""
+    print(f"network     {model.method}: {model.backbone}{attention}, {config.num_classes} classes")
+    print(f"parameters  {count_parameters(network) / 1e6:.2f} M")
+    print(f"input size  {size}x{size}")
+    print(f"GFLOPs      {count_gflops(network, (size, size)):.3f} (multiply-accumulates, one image)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finegrain",
         description="Fine-grained bird classification. Training: finegrain fit|validate|test --config X.yaml "
-        "(see `finegrain fit --help`).",
+        "(see `finegrain fit --help`). Size and cost: finegrain info --config X.yaml.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="check, synthesise or download CUB-layout datasets")
@@ -127,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in TRAINING_COMMANDS:
             run_training(argv)
             return 0
+        if argv and argv[0] == "info":
+            return show_info(argv[1:])
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except FinegrainError as e:

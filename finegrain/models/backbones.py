@@ -9,7 +9,7 @@ import os
 import pickle
 import socket
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
+from finegrain.models.attention import add_attention
 
 EMBEDDED_LITE0 = "embedded-lite0"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -35,12 +36,24 @@ _OFFLINE_FIX = (
 
 
 def create_backbone(
-    name: str, weights: str | None = "none", num_classes: int = 0, **timm_kwargs
+    name: str,
+    weights: str | None = "none",
+    num_classes: int = 0,
+    attention: str = "none",
+    attention_stages: Sequence[int] | None = None,
+    **timm_kwargs,
 ) -> nn.Module:
     """A timm model; `weights` is "none" (random), "timm" (hub), a local file, or "embedded-lite0".
 
-    num_classes=0 gives timm's headless model, whose forward returns pooled features.
+    num_classes=0 gives timm's headless model, whose forward returns pooled features. `attention` (none, se,
+    eca, cbam) is added after the weights are loaded, as gates that start as the identity, so pretrained
+    features are kept intact (see finegrain.models.attention).
     """
+    model = _create_with_weights(name, weights, num_classes, timm_kwargs)
+    return add_attention(model, attention, attention_stages)
+
+
+def _create_with_weights(name: str, weights: str | None, num_classes: int, timm_kwargs: dict) -> nn.Module:
     _check_name(name)
     if weights in (None, "none"):
         return timm.create_model(name, num_classes=num_classes, **timm_kwargs)

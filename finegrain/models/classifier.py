@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from finegrain.models.attention import attention_maps
 from finegrain.models.backbones import create_backbone
 from finegrain.models.result import ModelOutput
 
@@ -13,10 +14,12 @@ class Classifier(nn.Module):
     """Any timm backbone + dropout + linear head; the head is separate so it can take a higher learning rate."""
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):  # fmt: skip
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, attention: str = "none",
+                 attention_stages: list[int] | None = None):  # fmt: skip
         super().__init__()
         timm_kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-        self.backbone = create_backbone(backbone, weights=weights, num_classes=0, **timm_kwargs)
+        self.backbone = create_backbone(backbone, weights=weights, num_classes=0, attention=attention,
+                                        attention_stages=attention_stages, **timm_kwargs)  # fmt: skip
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.backbone.num_features, num_classes)
 
@@ -25,4 +28,5 @@ class Classifier(nn.Module):
         return {"backbone": list(self.backbone.parameters()), "head": list(self.head.parameters())}
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
-        return ModelOutput(logits=self.head(self.dropout(self.backbone(images))))
+        logits = self.head(self.dropout(self.backbone(images)))
+        return ModelOutput(logits=logits, attention_maps=attention_maps(self.backbone))

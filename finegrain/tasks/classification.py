@@ -66,6 +66,9 @@ class ClassificationTask(pl.LightningModule):
         method: the network, a key of `finegrain.models.NETWORKS` ("baseline", ...).
         backbone: timm model name.
         weights: "none", "timm" (hub, needs the network), "embedded-lite0", or a local weights file.
+        attention: attention gates added to the backbone (CBAM, SE or ECA), starting as the identity so that
+            pretrained weights keep their function.
+        attention_stages: which feature stages get attention (timm feature_info indices); None for the default.
         method_args: further keyword arguments of the method's network.
         drop_rate: dropout before the classifier.
         label_smoothing: cross-entropy label smoothing.
@@ -83,6 +86,8 @@ class ClassificationTask(pl.LightningModule):
         method: str = "baseline",
         backbone: str = "resnet50",
         weights: str = "none",
+        attention: Literal["none", "se", "eca", "cbam"] = "none",
+        attention_stages: list[int] | None = None,
         method_args: dict | None = None,
         drop_rate: float = 0.0,
         label_smoothing: float = 0.0,
@@ -98,7 +103,8 @@ class ClassificationTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.network = build_network(method, num_classes=num_classes, backbone=backbone, weights=weights,
-                                     drop_rate=drop_rate, **(method_args or {}))  # fmt: skip
+                                     attention=attention, attention_stages=attention_stages, drop_rate=drop_rate,
+                                     **(method_args or {}))  # fmt: skip
         self.lr_scales = {"backbone": 0.1} if lr_scales is None else dict(lr_scales)
         # Keyed "<stage>_metrics": a ModuleDict key may not shadow nn.Module attributes such as `train`.
         self.metrics = torch.nn.ModuleDict(
