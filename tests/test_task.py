@@ -38,7 +38,11 @@ def test_forward_returns_the_shared_result_and_gradients_reach_backbone_and_head
     assert isinstance(output, ModelOutput) and output.logits.shape == (2, 6)
     assert output.boxes == {} and output.branch_logits == {}
     task.loss(output, torch.tensor([0, 5])).backward()
-    for name, params in task.network.lr_groups().items():
+    groups = task.network.lr_groups()
+    assert groups["attention"] == []  # no attention configured
+    for name, params in groups.items():
+        if not params:
+            continue
         assert all(p.grad is not None for p in params), name
         # timm zero-initialises each block's last norm, so some single tensors may get zero gradient at first
         assert sum(p.grad.abs().sum() for p in params) > 0, name
@@ -78,3 +82,17 @@ def test_hyperparameters_are_plain_types_for_weights_only_loading():
     task = make_task(class_names=["a"] * 6, preprocessing={"img_size": 64, "mean": [0.5] * 3})
     allowed = (int, float, str, bool, type(None), list, dict)
     assert all(isinstance(v, allowed) for v in task.hparams.values())
+
+
+def test_attention_gates_form_their_own_group_at_the_head_rate():
+    task = make_task(attention="cbam", lr=0.1)
+    groups = task.network.lr_groups()
+    assert groups["attention"] and all(p.requires_grad for p in groups["attention"])
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len(list(task.network.parameters()))  # a partition
+    task.trainer = type("T", (), {"estimated_stepping_batches": 10, "num_training_batches": 10,
+                                  "accumulate_grad_batches": 1})()  # fmt: skip
+    rates = {g["name"]: g["initial_lr"] for g in task.configure_optimizers()["optimizer"].param_groups}
+    assert rates == pytest.approx({"backbone": 0.01, "attention": 0.1, "head": 0.1})
+    output = task(torch.randn(1, 3, 64, 64))
+    assert output.attention_maps and all(m.shape[0] == 1 for m in output.attention_maps.values())

@@ -194,6 +194,12 @@ def attention_maps(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
+def attention_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every attention module in `model`, so they can learn at their own rate."""
+    modules = [m for m in model.modules() if isinstance(m, Cbam | Eca | ChannelAttention)]
+    return list({id(p): p for m in modules for p in m.parameters()}.values())
+
+
 def _resnet_blocks(model: nn.Module, stage: str) -> list[BasicBlock | Bottleneck]:
     modules = model.named_modules()
     return [m for name, m in modules if name.startswith(f"{stage}.") and isinstance(m, BasicBlock | Bottleneck)]
