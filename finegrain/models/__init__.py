@@ -9,9 +9,10 @@ from torch import nn
 from finegrain.errors import FinegrainError
 from finegrain.models.classifier import Classifier
 from finegrain.models.result import ModelOutput
+from finegrain.models.stn import STCNN
 
 # method name -> network class; each takes num_classes, backbone, weights and its own keyword arguments.
-NETWORKS: dict[str, type[nn.Module]] = {"baseline": Classifier}
+NETWORKS: dict[str, type[nn.Module]] = {"baseline": Classifier, "stn": STCNN}
 
 
 def build_network(method: str, **kwargs) -> nn.Module:

@@ -1,0 +1,169 @@
+"""ST-CNN (Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015): parallel spatial transformers pick
+parts of the image, each part is sampled from the full-resolution input and goes through its own network, and
+the part features are classified together. Trained end to end from class labels alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finegrain.errors import FinegrainError
+from finegrain.models.attention import attention_maps, attention_parameters
+from finegrain.models.backbones import create_backbone
+from finegrain.models.geometry import (
+    bound_affine,
+    bound_transform,
+    check_scales,
+    crop,
+    theta_to_box,
+    transform_to_theta,
+)
+from finegrain.models.result import ModelOutput
+
+# raw localisation outputs per part: attention = (x, y, scale), affine = (x, y, x scale, y scale, 2 shears)
+TRANSFORM_PARAMS = {"attention": 3, "affine": 6}
+
+
+def start_bias(num_parts: int, num_params: int) -> Tensor:
+    """Raw outputs putting the parts at mid scale on distinct points of the image diagonal, top-left first.
+
+    Part i's centre sits at (2i + 1) / N - 1 of its allowed offset on both axes (±0.5 for two parts); the
+    geometry maps a raw r to offset tanh(r), so the raw value is atanh of that fraction. Other values are 0:
+    mid-range scale, no shear.
+    """
+    bias = torch.zeros(num_parts, num_params)
+    fractions = torch.tensor([(2 * i + 1) / num_parts - 1 for i in range(num_parts)])
+    bias[:, :2] = torch.atanh(fractions)[:, None]
+    return bias
+
+
+class LocalizationHead(nn.Module):
+    """Linear -> ReLU -> Linear from pooled features to raw transforms (B, num_parts, num_params).
+
+    The last layer starts with zero weights and `start_bias`, as in the paper: every image starts with the same
+    distinct part crops, and the crops move only as the classification loss asks.
+    """
+
+    def __init__(self, in_features: int, num_parts: int, num_params: int, hidden: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, num_parts * num_params)
+        self.out_shape = (num_parts, num_params)
+        nn.init.zeros_(self.fc2.weight)
+        with torch.no_grad():
+            self.fc2.bias.copy_(start_bias(num_parts, num_params).flatten())
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(features))).unflatten(-1, self.out_shape)
+
+
+class STCNN(nn.Module):
+    """N spatial transformers -> N part networks -> concatenated features -> dropout -> one linear classifier.
+
+    Args:
+        num_classes: classes to predict.
+        backbone: timm name of the part (and global) networks.
+        weights: weights of every backbone, localisation included: "none", "timm", "embedded-lite0" or a file
+            (which must then fit `loc_backbone` too).
+        drop_rate: dropout before the classifiers.
+        num_parts: parallel transformers (the paper used 2 or 4).
+        transform: "attention" (square crop: scale + translation, the paper's choice for CUB) or "affine"
+            (6 parameters: per-axis scale, shear, translation), both bounded to stay inside the image.
+        part_size: side in pixels of each part sample, taken from the full-resolution input.
+        min_scale: smallest part side as a fraction of the image's shorter side (of each side for "affine").
+        loc_backbone: timm name of the localisation network; default `backbone`.
+        loc_size: side in pixels of the downsampled copy the localisation network sees, to keep it cheap.
+        shared_parts: one part network for all parts instead of one each.
+        global_branch: also classify the whole image with its own network.
+        attention, attention_stages: attention gates in the part and global networks (see
+            `create_backbone`); the localisation network stays plain.
+
+    Output: fused `logits`; `branch_logits` {"global" (if on), "part1", ..., "partN"} from linear probes on each
+    branch's DETACHED features; `boxes` {"part1", ...} as normalised xyxy (the box around the parallelogram for
+    "affine"). The probes' losses train only the probes: the paper trains the fused softmax alone, and a loss per
+    part would pull every part toward the same most discriminative region; detached, they still measure what
+    each branch knows. `attention_maps` are keyed "<branch>.<module>" and lie in that branch's input (a part's
+    maps cover its crop, not the whole image).
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
+                 drop_rate: float = 0.0, num_parts: int = 2, transform: str = "attention", part_size: int = 224,
+                 min_scale: float = 0.2, loc_backbone: str | None = None, loc_size: int = 224,
+                 shared_parts: bool = False, global_branch: bool = False, attention: str = "none",
+                 attention_stages: list[int] | None = None):  # fmt: skip
+        super().__init__()
+        if transform not in TRANSFORM_PARAMS:
+            raise FinegrainError(f"ST-CNN transform {transform!r} is unknown; choose one of {list(TRANSFORM_PARAMS)}")
+        for name, value in (("num_parts", num_parts), ("part_size", part_size), ("loc_size", loc_size)):
+            if not isinstance(value, int) or value < 1:
+                raise FinegrainError(f"ST-CNN {name} must be a positive integer, got {value!r}")
+        check_scales(min_scale)
+        self.transform, self.min_scale, self.num_parts = transform, min_scale, num_parts
+        self.part_size, self.loc_size = part_size, loc_size
+
+        self.loc_net = create_backbone(loc_backbone or backbone, weights=weights, num_classes=0)
+        self.loc_head = LocalizationHead(self.loc_net.num_features, num_parts, TRANSFORM_PARAMS[transform])
+        branch_net = functools.partial(create_backbone, backbone, weights=weights, num_classes=0,
+                                       attention=attention, attention_stages=attention_stages)  # fmt: skip
+        self.part_nets = nn.ModuleList(branch_net() for _ in range(1 if shared_parts else num_parts))
+        self.global_net = branch_net() if global_branch else None
+
+        width = self.part_nets[0].num_features
+        self.branch_names = (["global"] if global_branch else []) + [f"part{i + 1}" for i in range(num_parts)]
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(width * len(self.branch_names), num_classes)
+        self.branch_heads = nn.ModuleDict({name: nn.Linear(width, num_classes) for name in self.branch_names})
+
+    def lr_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by learning-rate group; give "localization" a lower rate than the rest, as the paper did.
+
+        Attention gates in the branch networks are new layers: their own group, like the baseline's.
+        """
+        branches = nn.ModuleList(self.branch_nets())  # parameters() lists a shared network once
+        gates = attention_parameters(branches)
+        gate_ids = {id(p) for p in gates}
+        return {
+            "backbone": [p for p in branches.parameters() if id(p) not in gate_ids],
+            "attention": gates,
+            "localization": [*self.loc_net.parameters(), *self.loc_head.parameters()],
+            "head": [*self.head.parameters(), *self.branch_heads.parameters()],
+        }
+
+    def branch_nets(self) -> list[nn.Module]:
+        """The network of each branch, in `branch_names` order."""
+        parts = [self.part_nets[i % len(self.part_nets)] for i in range(self.num_parts)]
+        return ([self.global_net] if self.global_net is not None else []) + parts
+
+    def localize(self, images: Tensor) -> Tensor:
+        """Per-part theta (B, num_parts, 2, 3), inside the image, from a loc_size copy of `images`."""
+        small = images
+        if images.shape[-2:] != (self.loc_size, self.loc_size):
+            small = F.interpolate(images, size=(self.loc_size, self.loc_size), mode="bilinear", align_corners=False)
+        raw = self.loc_head(self.loc_net(small))
+        if self.transform == "affine":
+            return bound_affine(raw, self.min_scale)
+        aspect = images.shape[-1] / images.shape[-2]  # parts are pixel squares of the original image
+        return transform_to_theta(bound_transform(raw, self.min_scale, aspect=aspect))
+
+    def forward(self, images: Tensor) -> ModelOutput:
+        theta = self.localize(images)
+        parts = [crop(images, theta[:, i], (self.part_size, self.part_size)) for i in range(self.num_parts)]
+        inputs = ([images] if self.global_net is not None else []) + parts
+        features, maps = [], {}
+        for name, net, x in zip(self.branch_names, self.branch_nets(), inputs, strict=True):
+            features.append(net(x))
+            # read now: a shared part network keeps only its last call's maps
+            maps.update({f"{name}.{key}": value for key, value in attention_maps(net).items()})
+        fused = self.dropout(torch.cat(features, dim=1))
+        probes = fused.detach().chunk(len(self.branch_names), dim=1)
+        return ModelOutput(
+            logits=self.head(fused),
+            branch_logits={name: self.branch_heads[name](x) for name, x in zip(self.branch_names, probes, strict=True)},
+            boxes={f"part{i + 1}": theta_to_box(theta[:, i]) for i in range(self.num_parts)},
+            attention_maps=maps,
+        )

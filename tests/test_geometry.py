@@ -1,0 +1,150 @@
+"""The one crop implementation: conventions, bounds, gradients and precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finegrain.errors import FinegrainError
+from finegrain.models.geometry import (
+    bound_affine,
+    bound_transform,
+    box_to_transform,
+    crop,
+    sampling_grid,
+    theta_to_box,
+    transform_to_box,
+    transform_to_theta,
+)
+
+H, W = 40, 64  # non-square, so a swapped x/y cannot pass
+
+
+@pytest.fixture
+def image() -> torch.Tensor:
+    return torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("pixel_box", "out_size"),
+    [
+        ((16, 8, 48, 28), (10, 16)),  # 2x down on both axes
+        ((16, 8, 48, 28), (8, 12)),  # non-integer factors, different per axis
+        ((0, 0, W, H), (H, W)),  # identity
+        ((0, 0, W, H), (2 * H + 3, 2 * W - 5)),  # up-sampling reaches past pixel centres: border clamp
+    ],
+)
+def test_crop_equals_slice_and_resize(image, pixel_box, out_size):
+    # With align_corners=False both sample output pixel j at x1 + (j + 0.5) * n / out - 0.5 input pixels. When
+    # down-sampling those points lie inside the slice, so the two agree up to float32 rounding of the coordinates
+    # (1e-5 of the unit pixel range). Up-sampling the whole image samples past the outer pixel centres, where
+    # grid_sample's border padding and interpolate's clamp both repeat the edge pixel.
+    px1, py1, px2, py2 = pixel_box
+    box = torch.tensor([[px1 / W, py1 / H, px2 / W, py2 / H]])
+    expected = F.interpolate(image[:, :, py1:py2, px1:px2], size=out_size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(crop(image, box_to_transform(box), out_size), expected, atol=1e-5, rtol=0)
+
+
+def test_conversions_round_trip():
+    gen = torch.Generator().manual_seed(1)
+    corners = torch.rand(50, 2, 2, generator=gen).sort(dim=1).values  # (x1, y1) <= (x2, y2)
+    boxes = corners.flatten(1)
+    transform = box_to_transform(boxes)
+    torch.testing.assert_close(transform_to_box(transform), boxes)
+    torch.testing.assert_close(theta_to_box(transform_to_theta(transform)), boxes)
+    torch.testing.assert_close(box_to_transform(torch.tensor([0.0, 0.0, 1.0, 1.0])), torch.tensor([0.0, 0, 1, 1]))
+    theta = transform_to_theta(torch.tensor([[0.1, -0.2, 0.3, 0.4]]))
+    torch.testing.assert_close(theta, torch.tensor([[[0.3, 0.0, 0.1], [0.0, 0.4, -0.2]]]))
+
+
+def _wild_raw(n: int, width: int) -> torch.Tensor:
+    """Network outputs of every magnitude from 1e-3 to 1e30, both signs, plus ±inf."""
+    gen = torch.Generator().manual_seed(2)
+    magnitude = 10.0 ** torch.randint(-3, 31, (n, width), generator=gen)
+    raw = torch.randn(n, width, generator=gen) * magnitude
+    return torch.cat((raw, torch.full((1, width), float("inf")), torch.full((1, width), -float("inf"))))
+
+
+def _assert_inside(boxes: torch.Tensor):
+    # 1e-6: (1 - s) + s may round one float32 ulp past 1
+    assert torch.isfinite(boxes).all()
+    assert (boxes >= -1e-6).all() and (boxes <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("aspect", [1.0, W / H, H / W])
+def test_bound_transform_isotropic_is_a_pixel_square_inside_the_image(aspect):
+    transform = bound_transform(_wild_raw(500, 3), min_scale=0.2, max_scale=0.9, aspect=aspect)
+    boxes = transform_to_box(transform)
+    _assert_inside(boxes)
+    width, height = transform[:, 2] * aspect, transform[:, 3]  # sides in units of the image height
+    torch.testing.assert_close(width, height)
+    shorter_side_fraction = torch.minimum(transform[:, 2], transform[:, 3]) * max(aspect, 1 / aspect)
+    assert (shorter_side_fraction >= 0.2 - 1e-6).all() and (shorter_side_fraction <= 0.9 + 1e-6).all()
+
+
+def test_bound_transform_per_axis_bounds():
+    transform = bound_transform(_wild_raw(500, 4), min_scale=0.3, isotropic=False)
+    _assert_inside(transform_to_box(transform))
+    assert (transform[:, 2:] >= 0.3 - 1e-6).all() and (transform[:, 2:] <= 1 + 1e-6).all()
+    assert (transform[:, 2] != transform[:, 3]).any()  # the axes are free
+
+
+def test_bound_transform_zero_is_centred_mid_scale():
+    transform = bound_transform(torch.zeros(2, 3), min_scale=0.2)
+    torch.testing.assert_close(transform, torch.tensor([[0.0, 0.0, 0.6, 0.6]] * 2))
+
+
+def test_bound_affine_keeps_the_parallelogram_inside():
+    theta = bound_affine(_wild_raw(500, 6), min_scale=0.2)
+    _assert_inside(theta_to_box(theta))
+    corners = torch.tensor([[-1.0, -1, 1], [1, -1, 1], [-1, 1, 1], [1, 1, 1]])  # output corners (x, y, 1)
+    mapped = corners @ theta.transpose(1, 2)  # (N, 4, 2) corners in the image
+    assert (mapped.abs() <= 1 + 1e-6).all()
+    half_extent = theta[..., :2].abs().sum(-1)
+    assert (half_extent >= 0.2 - 1e-6).all()
+    assert (torch.linalg.det(theta[..., :2]) > 0).all()  # never collapses to a line
+    centred = transform_to_theta(torch.tensor([[0.0, 0.0, 0.6, 0.6]]))
+    torch.testing.assert_close(bound_affine(torch.zeros(1, 6), 0.2), centred)
+
+
+def test_bad_scales_raise():
+    with pytest.raises(FinegrainError, match="min_scale"):
+        bound_transform(torch.zeros(1, 3), min_scale=0.0)
+    with pytest.raises(FinegrainError, match="min_scale"):
+        bound_affine(torch.zeros(1, 6), min_scale=0.5, max_scale=1.5)
+
+
+@pytest.mark.parametrize(("bound", "width"), [(bound_transform, 3), (bound_affine, 6)])
+def test_gradient_reaches_every_transform_parameter(image, bound, width):
+    raw = (0.3 * torch.randn(2, width, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    images = image.expand(2, -1, -1, -1).clone().requires_grad_()
+    weight = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(4))
+    theta = bound(raw, 0.2)
+    theta = transform_to_theta(theta) if theta.shape[-1] == 4 else theta
+    (crop(images, theta, (12, 12)) * weight).sum().backward()
+    assert torch.isfinite(raw.grad).all() and (raw.grad.abs() > 1e-6).all()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_crop_samples_in_float32_under_bf16_autocast(image):
+    theta = transform_to_theta(torch.tensor([[0.113, -0.071, 0.517, 0.389]]))
+    expected = crop(image, theta, (33, 47))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_result = crop(image, theta, (33, 47))
+        bf16_images = crop(image.bfloat16(), theta, (33, 47))
+    assert autocast_result.dtype == torch.float32
+    torch.testing.assert_close(autocast_result, expected, atol=1e-6, rtol=0)
+    assert bf16_images.dtype == torch.bfloat16  # the images' dtype, sampled in float32 then rounded once
+    torch.testing.assert_close(bf16_images, F.grid_sample(image.bfloat16().float(), sampling_grid(theta, (33, 47)),
+                               padding_mode="border", align_corners=False).bfloat16())  # fmt: skip
+    # the check has teeth: a bf16 grid moves samples enough to change the crop well past float32 rounding
+    bf16_grid = sampling_grid(theta.bfloat16(), (33, 47)).float()
+    coarse = F.grid_sample(image, bf16_grid, padding_mode="border", align_corners=False)
+    assert (coarse - expected).abs().max() > 1e-3
+
+
+def test_sampling_grid_equals_affine_grid():
+    theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(5))
+    expected = F.affine_grid(theta, [3, 1, 7, 11], align_corners=False)
+    torch.testing.assert_close(sampling_grid(theta, (7, 11)), expected, atol=1e-6, rtol=0)
