@@ -63,7 +63,7 @@ def test_train_transform_is_seeded_and_keeps_annotations_in_range():
     parts = parts_with(beak=(90, 60), crown=(80, 50))
     runs = []
     for _ in range(2):
-        transform = build_transform(PRE, train=True, augment=Augment(seed=7))
+        transform = build_transform(PRE, train=True, augment=Augment(), seed=7)
         runs.append([apply_transform(transform, image, (60, 40, 50, 40), parts) for _ in range(5)])
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a["image"], b["image"])

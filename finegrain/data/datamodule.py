@@ -128,7 +128,10 @@ class CUBDataModule(pl.LightningDataModule):
         records = self._usable_records()
         train, val = split_train_val([r for r in records if r.is_train], self.val_fraction, self.split_seed)
         test = [r for r in records if not r.is_train]
-        train_tf = build_transform(self.preprocessing, train=True, augment=self.augment)
+        # Seeded from torch so that `seed_everything` makes augmentation reproducible; each loader worker
+        # reseeds its copy (seed_augmentation), or every worker would repeat the same random crops.
+        train_tf = build_transform(self.preprocessing, train=True, augment=self.augment,
+                                   seed=torch.initial_seed() % 2**32)
         eval_tf = build_transform(self.preprocessing, train=False)
         self.datasets = {
             "train": CUBDataset(train, train_tf, self.use_boxes),
@@ -166,6 +169,7 @@ class CUBDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=seed_augmentation,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -176,6 +180,12 @@ class CUBDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def seed_augmentation(worker_id: int) -> None:
+    """Give each loader worker's albumentations RNG torch's per-worker seed (deterministic under a global seed)."""
+    dataset = torch.utils.data.get_worker_info().dataset
+    dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
 def synthesize_once(root: Path, arguments: dict) -> None:

@@ -32,11 +32,14 @@ class Augment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
-    seed: int | None = None  # albumentations has its own RNG that global seeds do not reach
 
 
-def build_transform(preprocessing: dict, train: bool, augment: Augment | None = None) -> A.Compose:
-    """Train: random resized crop, flip, mild colour jitter. Eval: resize by crop_pct, then centre crop."""
+def build_transform(preprocessing: dict, train: bool, augment: Augment | None = None,
+                    seed: int | None = None) -> A.Compose:  # fmt: skip
+    """Train: random resized crop, flip, mild colour jitter. Eval: resize by crop_pct, then centre crop.
+
+    albumentations keeps its own RNG, which global seeds do not reach: `seed` seeds it.
+    """
     size = int(preprocessing["img_size"])
     interpolation = INTERPOLATIONS[preprocessing.get("interpolation", "bilinear")]
     if train:
@@ -57,7 +60,7 @@ def build_transform(preprocessing: dict, train: bool, augment: Augment | None = 
     return A.Compose(
         steps,
         keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
-        seed=augment.seed if train and augment else None,
+        seed=seed,
     )
 
 
