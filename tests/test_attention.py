@@ -62,7 +62,11 @@ def test_cbam_matches_hand_written_paper_math(identity_init):
     channel = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))
     xc = x * scale * channel[:, :, None, None]
     pooled = torch.stack([xc.mean(1), xc.max(1).values], dim=1)
-    spatial = torch.sigmoid(F.conv2d(pooled, cbam.spatial.conv.weight, cbam.spatial.conv.bias, padding=3))
+    spatial_logits = F.conv2d(pooled, cbam.spatial.conv.weight, cbam.spatial.conv.bias, padding=3)
+    if identity_init:  # conv -> BatchNorm (batch statistics in training) -> gate, as in the official CBAM code
+        norm = cbam.spatial.norm
+        spatial_logits = F.batch_norm(spatial_logits, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+    spatial = torch.sigmoid(spatial_logits)
     expected = xc * scale * spatial
 
     torch.testing.assert_close(cbam(x), expected, rtol=1e-6, atol=1e-6)
@@ -99,8 +103,9 @@ def test_parameter_counts_by_hand():
     hidden = 256 // 16
     mlp = (256 * hidden + hidden) + (hidden * 256 + 256)  # both layers have biases
     assert sum(p.numel() for p in ChannelAttention(256, use_max=False).parameters()) == mlp == 8464
-    assert sum(p.numel() for p in SpatialAttention().parameters()) == 2 * 7 * 7 + 1
-    assert sum(p.numel() for p in Cbam(256).parameters()) == 8464 + 99
+    assert sum(p.numel() for p in SpatialAttention(identity_init=False).parameters()) == 2 * 7 * 7 + 1
+    assert sum(p.numel() for p in SpatialAttention().parameters()) == 2 * 7 * 7 + 1 + 2  # + the norm's scale, shift
+    assert sum(p.numel() for p in Cbam(256).parameters()) == 8464 + 101
     assert sum(p.numel() for p in Eca(256).parameters()) == 5
 
 
@@ -133,7 +138,7 @@ def test_gates_learn_from_the_first_step(kind):
     module_type, gates = {  # the zero-initialised last layer of every attention path
         "se": (ChannelAttention, lambda m: [m.fc2]),
         "eca": (Eca, lambda m: [m.conv]),
-        "cbam": (Cbam, lambda m: [m.channel.fc2, m.spatial.conv]),
+        "cbam": (Cbam, lambda m: [m.channel.fc2, m.spatial.norm]),
     }[kind]
     modules = [m for m in model.modules() if type(m) is module_type]
     layers = [layer for m in modules for layer in gates(m)]

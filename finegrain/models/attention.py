@@ -84,13 +84,18 @@ class SpatialAttention(nn.Module):
         super().__init__()
         self.scale = _gate_scale(identity_init)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
+        # The mean/max maps of pretrained features are large and summed over every pixel in the conv's gradient:
+        # one fine-tuning step with a zero-initialised conv alone saturated whole maps to 0 and killed the
+        # network. As in the official CBAM code (conv -> BatchNorm -> sigmoid), a norm keeps the logits in
+        # range; its scale starts at zero, so the gate still starts as the identity.
+        self.norm = nn.BatchNorm2d(1) if identity_init else nn.Identity()
         if identity_init:
-            _zero_init(self.conv)
+            nn.init.zeros_(self.norm.weight)
         self.last_map: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
-        attention = torch.sigmoid(self.conv(pooled))
+        attention = torch.sigmoid(self.norm(self.conv(pooled)))
         if not torch.compiler.is_exporting():  # an exported graph has no module state to keep it in
             self.last_map = attention.detach().squeeze(1)
         return x * (self.scale * attention)
