@@ -160,8 +160,9 @@ def add_attention(
     info = getattr(model, "feature_info", None)
     if not isinstance(info, list) or not info:
         raise FinegrainError(
-            f"{_arch(model)} is not a timm CNN with a feature_info list of stages, so attention {kind!r} has "
-            "nowhere to go; use a timm CNN backbone (resnet50, efficientnet_lite0, ...) or attention: none"
+            f"{architecture_name(model)} is not a timm CNN with a feature_info list of stages, so attention "
+            f"{kind!r} has nowhere to go; use a timm CNN backbone (resnet50, efficientnet_lite0, ...) or "
+            "attention: none"
         )
     like = next(model.parameters())
 
@@ -216,11 +217,12 @@ def _chosen(model: nn.Module, stages: Sequence[int] | None, valid: list[int], de
     if not stages or set(stages) - set(valid):
         stem = " (0 is the stem, which has no residual blocks)" if valid[0] else ""
         raise FinegrainError(
-            f"attention_stages {list(stages)} do not fit {_arch(model)}: choose stages from {valid[0]} to "
+            f"attention_stages {list(stages)} do not fit {architecture_name(model)}: choose stages from {valid[0]} to "
             f"{valid[-1]}{stem}, numbered as its feature_info, or leave attention_stages unset"
         )
     return sorted(set(stages))
 
 
-def _arch(model: nn.Module) -> str:
+def architecture_name(model: nn.Module) -> str:
+    """The timm architecture of a model (for messages), or its class name."""
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
-from finegrain.models.attention import add_attention
+from finegrain.models.attention import add_attention, architecture_name
 
 EMBEDDED_LITE0 = "embedded-lite0"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -90,7 +90,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str) -
         if keys
     ]
     if problems:
-        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        arch = architecture_name(model)
         raise FinegrainError(
             f"{source} does not fit {arch} ({'; '.join(problems)}); "
             f"pass weights saved from {arch}, or weights: none"
