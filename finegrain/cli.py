@@ -41,9 +41,11 @@ def run_training(args: list[str]) -> None:
                 "checkpoint.enable_version_counter": False,
             })  # fmt: skip
             parser.link_arguments("run_name", "checkpoint.dirpath", compute_fn=run_dir)
-            parser.link_arguments("model.backbone", "data.backbone")
+            # A recipe's model section is ClassificationTask's arguments, or another task (RA-CNN's) by class_path.
+            parser.set_defaults({"model": {"class_path": "finegrain.tasks.classification.ClassificationTask"}})
+            parser.link_arguments("model.init_args.backbone", "data.backbone")
             for name in ("num_classes", "class_names", "preprocessing"):
-                parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+                parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
         def instantiate_trainer(self, **kwargs):
             config = self.config[self.subcommand]
@@ -60,6 +62,7 @@ def run_training(args: list[str]) -> None:
         ClassificationTask,
         CUBDataModule,
         args=args,
+        subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "Train and evaluate finegrain recipes.", "default_env": False},
     )
