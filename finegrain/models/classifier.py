@@ -13,6 +13,9 @@ from finegrain.models.result import ModelOutput
 class Classifier(nn.Module):
     """Any timm backbone + dropout + linear head; the head is separate so it can take a higher learning rate."""
 
+    branch_names: tuple[str, ...] = ()  # one prediction, no branches
+    box_names: tuple[str, ...] = ()  # looks at the whole image
+
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, attention: str = "none",
                  attention_stages: list[int] | None = None):  # fmt: skip

@@ -114,7 +114,8 @@ class STCNN(nn.Module):
         self.global_net = branch_net() if global_branch else None
 
         width = self.part_nets[0].num_features
-        self.branch_names = (["global"] if global_branch else []) + [f"part{i + 1}" for i in range(num_parts)]
+        self.box_names = [f"part{i + 1}" for i in range(num_parts)]
+        self.branch_names = (["global"] if global_branch else []) + self.box_names
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(width * len(self.branch_names), num_classes)
         self.branch_heads = nn.ModuleDict({name: nn.Linear(width, num_classes) for name in self.branch_names})
@@ -164,6 +165,6 @@ class STCNN(nn.Module):
         return ModelOutput(
             logits=self.head(fused),
             branch_logits={name: self.branch_heads[name](x) for name, x in zip(self.branch_names, probes, strict=True)},
-            boxes={f"part{i + 1}": theta_to_box(theta[:, i]) for i in range(self.num_parts)},
+            boxes={name: theta_to_box(theta[:, i]) for i, name in enumerate(self.box_names)},
             attention_maps=maps,
         )

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from finegrain.evaluation.localization import LocalizationScore, box_statistics
 from finegrain.models import ModelOutput, build_network
+
+STAGES = ("train", "val", "test")
 
 
 class MeanClassAccuracy(Metric):
@@ -106,10 +109,17 @@ class ClassificationTask(pl.LightningModule):
                                      attention=attention, attention_stages=attention_stages, drop_rate=drop_rate,
                                      **(method_args or {}))  # fmt: skip
         self.lr_scales = {"backbone": 0.1} if lr_scales is None else dict(lr_scales)
-        # Keyed "<stage>_metrics": a ModuleDict key may not shadow nn.Module attributes such as `train`.
-        self.metrics = torch.nn.ModuleDict(
-            {f"{stage}_metrics": accuracy_metrics(num_classes, f"{stage}/") for stage in ("train", "val", "test")}
-        )
+        # Keyed "<stage>_<branch>": a ModuleDict key may not shadow nn.Module attributes such as `train`.
+        # The fused prediction logs as "<stage>/top1", each branch (scale, part) as "<stage>/<branch>/top1".
+        branches = getattr(self.network, "branch_names", [])
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{branch}": accuracy_metrics(num_classes, f"{stage}/" + (f"{branch}/" if branch else ""))
+            for stage in STAGES for branch in ("", *branches)
+        })  # fmt: skip
+        # Where each branch's boxes fall on the ground-truth bird box and part points, at validation and test.
+        self.localization = torch.nn.ModuleDict({
+            f"{stage}_{name}": LocalizationScore() for stage in STAGES[1:] for name in getattr(self.network, "box_names", [])
+        })  # fmt: skip
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         return self.network(images)
@@ -123,13 +133,38 @@ class ClassificationTask(pl.LightningModule):
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         output = self(batch["image"])
         loss = self.loss(output, batch["label"])
-        metrics = self.metrics[f"{stage}_metrics"]
-        metrics.update(output.logits.detach(), batch["label"])
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(batch["label"]), sync_dist=not on_step)  # fmt: skip
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log_results(output, batch, stage)
         return loss
+
+    def log_results(self, output: ModelOutput, batch: dict, stage: str) -> None:
+        """Accuracy of the fused and every branch prediction; box statistics; localisation (val and test)."""
+        labels = batch["label"]
+        for branch, logits in (("", output.logits), *output.branch_logits.items()):
+            metrics = self.metrics[f"{stage}_{branch}"]
+            metrics.update(logits.detach(), labels)
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train" and not branch)
+        for name, boxes in output.boxes.items():
+            stats = {f"{stage}/boxes/{name}/{key}": value for key, value in box_statistics(boxes.detach()).items()}
+            self.log_dict(stats, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=stage != "train")
+            score = self.localization[f"{stage}_{name}"] if f"{stage}_{name}" in self.localization else None
+            if score is not None and "parts" in batch:
+                score.update(boxes.detach(), batch["box"], batch["parts"], batch["part_visible"])
+
+    def _log_localization(self, stage: str) -> None:
+        for key, score in self.localization.items():
+            if key.startswith(f"{stage}_") and score.update_count:
+                name = key.removeprefix(f"{stage}_")
+                self.log_dict({f"{stage}/loc/{name}/{k}": v for k, v in score.compute().items()})
+                score.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_localization("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_localization("test")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -1,0 +1,94 @@
+"""Localisation against the ground truth: do a branch's boxes sit on the bird, and on which part?
+
+Every figure comes with its chance level: the same score for a box of the same size placed uniformly at random
+inside the image (computed exactly, not sampled), so "part 1 contains the crown 80% of the time" can be read
+against what a box that size gets by luck.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from finegrain.data.cub import PART_NAMES
+
+
+def placement_chance(extent: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """Probability that a box of `extent` (one axis, normalised), placed uniformly inside [0, 1], has its centre
+    in [low, high]. A full-width box has one placement (centre 0.5): 1 or 0."""
+    start, end = extent / 2, 1 - extent / 2
+    overlap = (torch.minimum(end, high) - torch.maximum(start, low)).clamp(min=0)
+    fixed = ((low <= 0.5) & (0.5 <= high)).float()
+    room = end - start
+    return torch.where(room > 1e-6, overlap / room.clamp(min=1e-6), fixed)
+
+
+def box_statistics(boxes: Tensor) -> dict[str, Tensor]:
+    """Collapse guard for (B, 4) normalised xyxy boxes: mean side (sqrt of area; 1 = the whole image, a zoom
+    fading away) and the spread of centres over the batch (0 = the same box for every image)."""
+    sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    spread = centres.var(dim=0, unbiased=False).sum().sqrt() if len(boxes) > 1 else boxes.new_zeros(())
+    return {"side": sides.mean(), "centre_spread": spread}
+
+
+class LocalizationScore(Metric):
+    """Scores of one branch's boxes against the bird box and the 15 CUB part points, with chance levels.
+
+    update(boxes, bird_boxes, parts, visible): (B, 4) predicted and ground-truth normalised xyxy boxes, (B, P, 2)
+    normalised part points and (B, P) their visibility. compute() gives:
+      centre_in_bird: share of boxes whose centre lies inside the bird box (a part box should);
+      contains_bird_centre: share of boxes that contain the bird box's centre (a zoom on the bird should);
+      contains_<part>: share of boxes containing that part's point, over the images where it is visible;
+    and each with a `_chance` twin.
+    """
+
+    full_state_update = False
+
+    def __init__(self, part_names: tuple[str, ...] = PART_NAMES):
+        super().__init__()
+        self.part_names = part_names
+        for name in ("centre_in_bird", "contains_bird_centre"):
+            self.add_state(name, torch.zeros(2), dist_reduce_fx="sum")  # (hits, chance) summed over images
+        self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("part_hits", torch.zeros(2, len(part_names)), dist_reduce_fx="sum")
+        self.add_state("part_count", torch.zeros(len(part_names)), dist_reduce_fx="sum")
+
+    def update(self, boxes: Tensor, bird_boxes: Tensor, parts: Tensor, visible: Tensor) -> None:
+        boxes, bird_boxes, parts = boxes.float(), bird_boxes.float(), parts.float()
+        extent = boxes[:, 2:] - boxes[:, :2]  # (B, 2) width, height
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        bird_centre = (bird_boxes[:, :2] + bird_boxes[:, 2:]) / 2
+
+        inside = ((centre >= bird_boxes[:, :2]) & (centre <= bird_boxes[:, 2:])).all(dim=1).float()
+        chance = placement_chance(extent, bird_boxes[:, :2], bird_boxes[:, 2:]).prod(dim=1)
+        self.centre_in_bird += torch.stack((inside.sum(), chance.sum()))
+
+        contains = self._contains(boxes, bird_centre).float()
+        chance = placement_chance(extent, bird_centre - extent / 2, bird_centre + extent / 2).prod(dim=1)
+        self.contains_bird_centre += torch.stack((contains.sum(), chance.sum()))
+        self.count += len(boxes)
+
+        seen = visible.float()  # (B, P)
+        hits = self._contains(boxes[:, None], parts).float()
+        half = extent[:, None] / 2
+        chance = placement_chance(extent[:, None].expand_as(parts), parts - half, parts + half).prod(dim=-1)
+        self.part_hits += torch.stack(((hits * seen).sum(0), (chance * seen).sum(0)))
+        self.part_count += seen.sum(0)
+
+    @staticmethod
+    def _contains(boxes: Tensor, points: Tensor) -> Tensor:
+        return ((points >= boxes[..., :2]) & (points <= boxes[..., 2:])).all(dim=-1)
+
+    def compute(self) -> dict[str, Tensor]:
+        scores = {}
+        for name in ("centre_in_bird", "contains_bird_centre"):
+            hits, chance = getattr(self, name) / self.count.clamp(min=1)
+            scores[name], scores[f"{name}_chance"] = hits, chance
+        per_part = self.part_hits / self.part_count.clamp(min=1)
+        for i, part in enumerate(self.part_names):
+            if self.part_count[i] > 0:
+                key = "contains_" + part.replace(" ", "_")
+                scores[key], scores[f"{key}_chance"] = per_part[0, i], per_part[1, i]
+        return scores
