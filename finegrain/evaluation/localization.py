@@ -19,7 +19,7 @@ def placement_chance(extent: Tensor, low: Tensor, high: Tensor) -> Tensor:
     in [low, high]. A full-width box has one placement (centre 0.5): 1 or 0."""
     start, end = extent / 2, 1 - extent / 2
     overlap = (torch.minimum(end, high) - torch.maximum(start, low)).clamp(min=0)
-    fixed = ((low <= 0.5) & (0.5 <= high)).float()
+    fixed = ((low <= 0.5) & (high >= 0.5)).float()
     room = end - start
     return torch.where(room > 1e-6, overlap / room.clamp(min=1e-6), fixed)
 

@@ -117,9 +117,10 @@ class ClassificationTask(pl.LightningModule):
             for stage in STAGES for branch in ("", *branches)
         })  # fmt: skip
         # Where each branch's boxes fall on the ground-truth bird box and part points, at validation and test.
-        self.localization = torch.nn.ModuleDict({
-            f"{stage}_{name}": LocalizationScore() for stage in STAGES[1:] for name in getattr(self.network, "box_names", [])
-        })  # fmt: skip
+        box_names = getattr(self.network, "box_names", [])
+        self.localization = torch.nn.ModuleDict(
+            {f"{stage}_{name}": LocalizationScore() for stage in STAGES[1:] for name in box_names}
+        )
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         return self.network(images)
@@ -149,9 +150,9 @@ class ClassificationTask(pl.LightningModule):
         for name, boxes in output.boxes.items():
             stats = {f"{stage}/boxes/{name}/{key}": value for key, value in box_statistics(boxes.detach()).items()}
             self.log_dict(stats, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=stage != "train")
-            score = self.localization[f"{stage}_{name}"] if f"{stage}_{name}" in self.localization else None
-            if score is not None and "parts" in batch:
-                score.update(boxes.detach(), batch["box"], batch["parts"], batch["part_visible"])
+            key = f"{stage}_{name}"
+            if key in self.localization and "parts" in batch:
+                self.localization[key].update(boxes.detach(), batch["box"], batch["parts"], batch["part_visible"])
 
     def _log_localization(self, stage: str) -> None:
         for key, score in self.localization.items():
