@@ -93,3 +93,20 @@ def test_embedded_lite0_learns_synthetic_birds_from_their_boxes(tmp_path, monkey
     run = tmp_path / "checkpoints" / "t"
     assert main(["test", *args[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
     assert last_metrics(run)["test/top1"] >= 0.6
+
+
+def test_stn_run_logs_each_part_its_boxes_and_where_they_fall(synth_root, tmp_path, monkeypatch):
+    """An ST-CNN run logs accuracy per part, box statistics and localisation against the bird box and parts."""
+    monkeypatch.chdir(tmp_path)
+    method = ["--model.method", "stn", "--model.method_args", "{num_parts: 2, part_size: 32, loc_size: 64}"]
+    assert main(fit_args(synth_root, *method, epochs=1)) == 0
+    assert main(["test", *fit_args(synth_root, *method)[1:], "--ckpt_path", "checkpoints/t/last.ckpt"]) == 0
+    metrics = last_metrics(tmp_path / "checkpoints" / "t")
+    for stage in ("val", "test"):
+        for part in ("part1", "part2"):
+            assert 0 <= metrics[f"{stage}/{part}/top1"] <= 1
+            assert 0.2 <= metrics[f"{stage}/boxes/{part}/side"] <= 1
+            for key in ("centre_in_bird", "contains_bird_centre", "contains_beak", "contains_tail"):
+                assert 0 <= metrics[f"{stage}/loc/{part}/{key}"] <= 1
+                assert 0 <= metrics[f"{stage}/loc/{part}/{key}_chance"] <= 1
+    assert "train/part1/top1" in metrics and "train/boxes/part2/centre_spread" in metrics

@@ -42,15 +42,21 @@ def start_bias(num_parts: int, num_params: int) -> Tensor:
 
 
 class LocalizationHead(nn.Module):
-    """Linear -> ReLU -> Linear from pooled features to raw transforms (B, num_parts, num_params).
+    """Feature MAP (B, C, h, w) -> raw transforms (B, num_parts, num_params), keeping where things are.
 
-    The last layer starts with zero weights and `start_bias`, as in the paper: every image starts with the same
-    distinct part crops, and the crops move only as the classification loss asks.
+    1x1 conv -> ReLU -> average pool to a fixed grid x grid -> flatten -> Linear -> ReLU -> Linear. A head on
+    globally pooled features cannot say where the bird is (pooling discards position; it only learns to grow the
+    crops); the flattened grid keeps position at any input size. The last layer starts with zero weights and
+    `start_bias`, as in the paper: every image starts with the same distinct part crops, and the crops move
+    only as the classification loss asks.
     """
 
-    def __init__(self, in_features: int, num_parts: int, num_params: int, hidden: int = 256):
+    def __init__(self, in_channels: int, num_parts: int, num_params: int, reduced: int = 64, grid: int = 7,
+                 hidden: int = 256):  # fmt: skip
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, reduced, 1), nn.ReLU(inplace=True),
+                                    nn.AdaptiveAvgPool2d(grid), nn.Flatten())  # fmt: skip
+        self.fc1 = nn.Linear(reduced * grid * grid, hidden)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, num_parts * num_params)
         self.out_shape = (num_parts, num_params)
@@ -58,8 +64,8 @@ class LocalizationHead(nn.Module):
         with torch.no_grad():
             self.fc2.bias.copy_(start_bias(num_parts, num_params).flatten())
 
-    def forward(self, features: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(features))).unflatten(-1, self.out_shape)
+    def forward(self, feature_map: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(self.reduce(feature_map)))).unflatten(-1, self.out_shape)
 
 
 class STCNN(nn.Module):
@@ -76,6 +82,8 @@ class STCNN(nn.Module):
             (6 parameters: per-axis scale, shear, translation), both bounded to stay inside the image.
         part_size: side in pixels of each part sample, taken from the full-resolution input.
         min_scale: smallest part side as a fraction of the image's shorter side (of each side for "affine").
+        max_scale: largest part side, likewise; below 1 it keeps a part from growing to the whole image, where
+            the scale's sigmoid saturates and the part stops localising.
         loc_backbone: timm name of the localisation network; default `backbone`.
         loc_size: side in pixels of the downsampled copy the localisation network sees, to keep it cheap.
         shared_parts: one part network for all parts instead of one each.
@@ -93,7 +101,7 @@ class STCNN(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
                  drop_rate: float = 0.0, num_parts: int = 2, transform: str = "attention", part_size: int = 224,
-                 min_scale: float = 0.2, loc_backbone: str | None = None, loc_size: int = 224,
+                 min_scale: float = 0.2, max_scale: float = 1.0, loc_backbone: str | None = None, loc_size: int = 224,
                  shared_parts: bool = False, global_branch: bool = False, attention: str = "none",
                  attention_stages: list[int] | None = None):  # fmt: skip
         super().__init__()
@@ -102,8 +110,8 @@ class STCNN(nn.Module):
         for name, value in (("num_parts", num_parts), ("part_size", part_size), ("loc_size", loc_size)):
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"ST-CNN {name} must be a positive integer, got {value!r}")
-        check_scales(min_scale)
-        self.transform, self.min_scale, self.num_parts = transform, min_scale, num_parts
+        check_scales(min_scale, max_scale)
+        self.transform, self.min_scale, self.max_scale, self.num_parts = transform, min_scale, max_scale, num_parts
         self.part_size, self.loc_size = part_size, loc_size
 
         self.loc_net = create_backbone(loc_backbone or backbone, weights=weights, num_classes=0)
@@ -145,11 +153,11 @@ class STCNN(nn.Module):
         small = images
         if images.shape[-2:] != (self.loc_size, self.loc_size):
             small = F.interpolate(images, size=(self.loc_size, self.loc_size), mode="bilinear", align_corners=False)
-        raw = self.loc_head(self.loc_net(small))
+        raw = self.loc_head(self.loc_net.forward_features(small))
         if self.transform == "affine":
-            return bound_affine(raw, self.min_scale)
+            return bound_affine(raw, self.min_scale, self.max_scale)
         aspect = images.shape[-1] / images.shape[-2]  # parts are pixel squares of the original image
-        return transform_to_theta(bound_transform(raw, self.min_scale, aspect=aspect))
+        return transform_to_theta(bound_transform(raw, self.min_scale, self.max_scale, aspect=aspect))
 
     def forward(self, images: Tensor) -> ModelOutput:
         theta = self.localize(images)
