@@ -11,9 +11,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+DEMO_DATA := data/synthbirds
+# The first test photo of each of four species; the demo's `fit` synthesises the data, so list them at run time.
+DEMO_PHOTOS = $$(awk 'NR == FNR { test[$$1] = $$2 == 0; next } test[$$1] { species = $$2; sub("/.*", "", species); \
+	if (!(species in seen) && n++ < 4) { seen[species]; print "$(DEMO_DATA)/images/" $$2 } }' \
+	$(DEMO_DATA)/train_test_split.txt $(DEMO_DATA)/images.txt)
+
 demo: $(STAMP)
 	$(BIN)/finegrain fit --config configs/demo.yaml
 	$(BIN)/finegrain test --config configs/demo.yaml --ckpt_path checkpoints/demo/best.ckpt
+	$(BIN)/finegrain predict $(DEMO_PHOTOS) --checkpoint checkpoints/demo/best.ckpt --top-k 3 \
+		--save-viz checkpoints/demo/viz
 
 test: $(STAMP)
 	$(BIN)/ruff check finegrain tests

@@ -1,0 +1,324 @@
+"""Inference as a user runs it: Predictor from a checkpoint, every input kind, boxes in photo pixels, the CLI."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from finegrain.cli import main
+from finegrain.data.transforms import build_transform
+from finegrain.errors import FinegrainError
+from finegrain.models import NETWORKS, ModelOutput
+from finegrain.predict import ModelConfig, Predictor, input_box_to_image, input_frame
+from finegrain.tasks.classification import ClassificationTask
+from tests.conftest import CUB_ROOT, needs_cub
+
+CLASS_NAMES = ["Plain_Finch", "Red_crowned_Finch", "Gold_crowned_Hookbill", "Sooty_Auklet"]
+PREPROCESSING = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "img_size": 64, "crop_pct": 0.875,
+                 "interpolation": "bilinear"}  # fmt: skip
+# Small sizes for whichever of these a method takes, so that any method in NETWORKS gets a tiny network.
+TINY_ARGS = {"num_parts": 2, "part_size": 32, "loc_size": 32, "zoom_size": 32, "apn_hidden": 16}
+
+
+def tiny_method_args(method: str) -> dict:
+    accepted = inspect.signature(NETWORKS[method]).parameters
+    return {k: v for k, v in TINY_ARGS.items() if k in accepted}
+
+
+def write_checkpoint(path: Path, method: str = "stn", attention: str = "cbam", seed: int = 0, **hparams) -> Path:
+    """A checkpoint as Lightning writes one: the task's hyper_parameters and its state_dict.
+
+    The weights are perturbed so that boxes and maps differ between images (a new localisation head starts at
+    the same boxes for every image).
+    """
+    torch.manual_seed(seed)
+    task = ClassificationTask(num_classes=len(CLASS_NAMES), method=method, backbone="test_resnet",
+                              attention=attention, method_args=tiny_method_args(method), class_names=CLASS_NAMES,
+                              preprocessing=PREPROCESSING)  # fmt: skip
+    with torch.no_grad():
+        for p in task.network.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    checkpoint = {"epoch": 0, "global_step": 1, "pytorch-lightning_version": "2.6.0", "state_dict": task.state_dict(),
+                  "hyper_parameters": {**dict(task.hparams), **hparams}}  # fmt: skip
+    torch.save(checkpoint, path)
+    return path
+
+
+def photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A smooth random RGB photo (blurry blobs, not noise, so crops and resizes are well defined)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def stn_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "stn.ckpt")
+
+
+@pytest.fixture(scope="module")
+def predictor(stn_checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(stn_checkpoint, device="cpu")
+
+
+def same_predictions(a: list[dict], b: list[dict], tol: float = 1e-5) -> bool:
+    return [p["class_id"] for p in a] == [p["class_id"] for p in b] and all(
+        abs(p["score"] - q["score"]) < tol for p, q in zip(a, b, strict=True)
+    )
+
+
+def test_import_finegrain_is_cheap_and_exports_predictor():
+    code = "import sys, finegrain; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    import finegrain
+
+    assert finegrain.Predictor is Predictor
+
+
+def test_predict_returns_sorted_top_k_with_names_and_ids(predictor):
+    predictions = predictor.predict(photo(80, 60, 0), top_k=3)
+    assert [set(p) for p in predictions] == [{"label", "class_id", "score"}] * 3
+    scores = [p["score"] for p in predictions]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0 and scores[0] < 1
+    for p in predictions:  # class_id indexes class_names (the training label); label is its readable form
+        assert p["label"] == CLASS_NAMES[p["class_id"]].replace("_", " ")
+    everything = predictor.predict(photo(80, 60, 0), top_k=10)
+    assert len(everything) == 4 and sum(p["score"] for p in everything) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_every_input_kind_gives_the_same_prediction(predictor, tmp_path):
+    pixels = photo(90, 70, 1)
+    path = tmp_path / "bird.png"
+    Image.fromarray(pixels).save(path)
+    reference = predictor.predict(pixels)
+    for source in (path, str(path), path.read_bytes(), Image.fromarray(pixels)):
+        assert same_predictions(predictor.predict(source), reference, tol=1e-6)
+
+
+def test_a_batch_equals_single_calls(predictor):
+    photos = [photo(80 + 10 * i, 60 + 7 * i, i) for i in range(5)]
+    batched = predictor.predict(photos, batch_size=2)
+    assert len(batched) == 5
+    for image, predictions in zip(photos, batched, strict=True):
+        assert same_predictions(predictor.predict(image), predictions)
+    assert predictor.predict([]) == []
+
+
+def test_threads_get_their_own_boxes_and_maps(predictor):
+    photos = [photo(100, 70 + 5 * i, 10 + i) for i in range(6)]
+    expected = predictor.explain(photos)
+    assert len({e.boxes["part1"] for e in expected}) == 6  # each image has its own boxes
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(predictor.explain, photos * 3))
+    for got, want in zip(results, expected * 3, strict=True):
+        assert same_predictions(got.predictions, want.predictions)
+        for key, box in want.boxes.items():
+            assert got.boxes[key] == pytest.approx(box)
+        for key, value in want.attention_maps.items():
+            np.testing.assert_allclose(got.attention_maps[key], value, atol=1e-5)
+
+
+class FixedBoxes(nn.Module):
+    """A stand-in network: uniform logits and the same input-frame box for every image."""
+
+    box_names = ("part",)
+
+    def __init__(self, box: list[float]):
+        super().__init__()
+        self.box = torch.tensor(box)
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        batch = images.shape[0]
+        return ModelOutput(logits=torch.zeros(batch, 4), boxes={"part": self.box.expand(batch, 4)})
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        # 400x300 -> shorter side 300 to round(224 / 0.875) = 256: 341x256 (x 341/400, 256/300); centre crop
+        # 224 at (58, 16). Input box (0.25, 0.5, 0.75, 1) = (56, 112, 168, 224) px -> resized (114, 128, 226,
+        # 240) -> photo (114 * 400/341, 128 * 300/256, 226 * 400/341, 240 * 300/256).
+        ((400, 300), (114 * 400 / 341, 150.0, 226 * 400 / 341, 281.25)),
+        # portrait 300x400: resized 256x341, crop at (16, 58): (72, 170, 184, 282) -> (72 * 300/256, ...)
+        ((300, 400), (72 * 300 / 256, 170 * 400 / 341, 184 * 300 / 256, 282 * 400 / 341)),
+    ],
+)
+def test_boxes_map_back_through_resize_and_centre_crop_by_hand(size, expected):
+    config = ModelConfig("stn", {}, CLASS_NAMES, {**PREPROCESSING, "img_size": 224})
+    predictor = Predictor(FixedBoxes([0.25, 0.5, 0.75, 1.0]), config)
+    explanation = predictor.explain(photo(*size, seed=2))
+    assert explanation.boxes["part"] == pytest.approx(expected, abs=1e-4)
+    x1, y1, x2, y2 = (round(v) for v in expected)
+    assert explanation.crops["part"].size == (x2 - x1, y2 - y1)
+    np.testing.assert_array_equal(np.asarray(explanation.crops["part"]), explanation.image[y1:y2, x1:x2])
+    # the whole input frame: the 224 crop of the 256 resize, i.e. 0.875 of each side around the centre
+    width, height = size
+    assert explanation.input_box == pytest.approx(
+        (58 * width / 341, 16 * height / 256, 282 * width / 341, 240 * height / 256)
+        if width > height
+        else (16 * width / 256, 58 * height / 341, 240 * width / 256, 282 * height / 341),
+        abs=1e-4,
+    )
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875, 0.95])
+@pytest.mark.parametrize("size", [(400, 300), (301, 451), (64, 64), (999, 100)])
+def test_input_frame_mirrors_the_eval_transform(size, crop_pct):
+    """Photo points carried through the real transform as keypoints land where input_frame puts them.
+
+    albumentations moves keypoints by the unrounded resize factor, the pixels by the rounded image size: they
+    agree to half a resized pixel.
+    """
+    preprocessing = {**PREPROCESSING, "img_size": 56, "crop_pct": crop_pct}
+    width, height = size
+    points = np.array([[0, 0], [width, height], [width / 3, height / 5]], np.float32)
+    out = build_transform(preprocessing, train=False)(image=photo(width, height, 0), keypoints=points)
+    assert tuple(out["image"].shape) == (3, 56, 56)
+    frame = input_frame(width, height, preprocessing)
+    mapped = points * np.array(frame.scale) - np.array(frame.offset)
+    np.testing.assert_allclose(np.asarray(out["keypoints"])[:, :2], mapped, atol=0.5 + 1e-4)
+    # and back: the input's own corners are the photo region the network saw
+    seen = input_box_to_image(np.array([0.0, 0.0, 1.0, 1.0]), frame)
+    np.testing.assert_allclose(seen, [*np.array(frame.offset) / frame.scale,
+                                      *(np.array(frame.offset) + 56) / frame.scale])  # fmt: skip
+
+
+def test_explain_and_visualize(predictor, tmp_path):
+    explanation = predictor.explain(photo(120, 80, 3), top_k=2)
+    assert set(explanation.boxes) == {"part1", "part2"} and len(explanation.predictions) == 2
+    for x1, y1, x2, y2 in explanation.boxes.values():
+        assert 0 <= x1 < x2 <= 120 and 0 <= y1 < y2 <= 80
+    assert all(key.split(".")[0] in {"part1", "part2"} for key in explanation.attention_maps)
+    assert all(m.min() >= 0 and m.max() <= 1 for m in explanation.attention_maps.values())
+    path = predictor.visualize(photo(120, 80, 3), tmp_path / "viz" / "bird.png")
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.width > 420  # the photo at 420 px tall, crops beside it
+
+
+@needs_cub
+def test_picture_of_a_real_cub_photo(tmp_path):
+    path = write_checkpoint(tmp_path / "m.ckpt", method="stn", attention="none")
+    predictor = Predictor.from_checkpoint(path)
+    image = sorted((CUB_ROOT / "images").rglob("*.jpg"))[0]
+    with Image.open(predictor.visualize(image, tmp_path / "cub.png")) as picture:
+        assert picture.height > 420 + 5 * 22
+
+
+def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path, stn_checkpoint):
+    cases = {}
+    cases["missing"] = tmp_path / "nowhere.ckpt"
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
+    cases["junk"] = tmp_path / "junk.ckpt"
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    cases["plain"] = tmp_path / "plain.pt"
+    torch.save(Path("x"), tmp_path / "code.ckpt")  # needs unpickling a class: refused, never run
+    cases["code"] = tmp_path / "code.ckpt"
+    checkpoint = torch.load(stn_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"]["method"] = "capsnet"
+    torch.save(checkpoint, tmp_path / "method.ckpt")
+    cases["method"] = tmp_path / "method.ckpt"
+    checkpoint["hyper_parameters"]["method"] = "stn"
+    checkpoint["hyper_parameters"]["backbone"] = "test_efficientnet"  # the weights are test_resnet's
+    torch.save(checkpoint, tmp_path / "mismatch.ckpt")
+    cases["mismatch"] = tmp_path / "mismatch.ckpt"
+    (tmp_path / "folder").mkdir()
+    cases["folder"] = tmp_path / "folder"
+    expected = {"missing": "not found", "junk": "not a PyTorch checkpoint", "plain": "not a finegrain training",
+                "code": "without running code", "method": "'capsnet' network", "mismatch": "do not fit the stn",
+                "folder": "without finegrain.json"}  # fmt: skip
+    for name, path in cases.items():
+        with pytest.raises(FinegrainError, match=expected[name]) as error:
+            Predictor.from_checkpoint(path)
+        assert str(path) in str(error.value)
+        assert "finegrain" in str(error.value)  # every message says which finegrain command or version fixes it
+
+
+def test_task_only_hparams_are_left_out(tmp_path):
+    path = write_checkpoint(tmp_path / "extra.ckpt", margin=0.05, phase_epochs=[2, 2])
+    assert Predictor.from_checkpoint(path).predict(photo(64, 64, 0))
+
+
+def test_bad_arguments_are_clear(predictor):
+    with pytest.raises(FinegrainError, match="top_k"):
+        predictor.predict(photo(64, 64, 0), top_k=0)
+    with pytest.raises(FinegrainError, match="batch_size"):
+        predictor.predict([photo(64, 64, 0)], batch_size=0)
+    with pytest.raises(FinegrainError, match="not an image"):
+        predictor.predict(b"garbage")
+    with pytest.raises(FinegrainError, match="device 'tpu9'"):
+        Predictor.from_checkpoint("x.ckpt", device="tpu9")
+
+
+def fit_stn(root: Path, folder: Path) -> Path:
+    """A real `finegrain fit` run: one epoch of two batches on the synthetic birds."""
+    args = ["fit", "--run_name", "p", "--seed_everything", "0", "--data.root", str(root),
+            "--data.img_size", "64", "--data.batch_size", "8", "--data.num_workers", "0",
+            "--model.method", "stn", "--model.backbone", "test_resnet",
+            "--model.method_args", json.dumps(tiny_method_args("stn")),
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]  # fmt: skip
+    assert main(args) == 0
+    return folder / "checkpoints" / "p" / "last.ckpt"
+
+
+def test_cli_predicts_a_checkpoint_written_by_fit(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = fit_stn(synth_root, tmp_path)
+    predictor = Predictor.from_checkpoint(checkpoint)
+    assert predictor.config.method == "stn" and predictor.config.network["num_parts"] == 2
+    assert predictor.config.preprocessing["img_size"] == 64 and len(predictor.class_names) == 4
+    capsys.readouterr()
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    images = sorted((synth_root / "images").rglob("*.jpg"))[:3]
+    for i, image in enumerate(images):
+        (folder / ("sub" if i else "") / image.name).write_bytes(image.read_bytes())
+    (folder / "corrupt.jpg").write_bytes(images[0].read_bytes()[:300])
+    (folder / "notes.jpg").write_text("not a photo")
+    (folder / "readme.txt").write_text("ignored: not an image extension")
+    args = ["predict", str(folder), str(tmp_path / "missing.jpg"), "--checkpoint", str(checkpoint),
+            "--top-k", "2", "--batch-size", "2", "--output", str(tmp_path / "out.json"),
+            "--save-viz", str(tmp_path / "viz")]  # fmt: skip
+    assert main(args) == 1
+    out, err = capsys.readouterr()
+    for image in images:
+        assert image.name in out
+    for bad in ("corrupt.jpg: truncated", "notes.jpg: not an image", "missing.jpg: no such file"):
+        assert bad in err
+    assert "readme" not in out + err
+    results = json.loads((tmp_path / "out.json").read_text())
+    assert len(results) == 3 and all(len(r["predictions"]) == 2 for r in results)
+    first = next(r for r in results if r["image"].endswith(images[0].name))
+    assert same_predictions(first["predictions"], predictor.predict(images[0], top_k=2))
+    assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == sorted(f"{i.stem}.png" for i in images)
+
+    assert main(["predict", str(images[0]), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "r.csv")]) == 0
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[0] == "image,rank,class_id,label,score" and len(rows) == 1 + 4  # top-5 of 4 classes
+    assert "rank" in capsys.readouterr().out
+
+
+def test_cli_errors_exit_2_with_the_fix(tmp_path, stn_checkpoint, capsys):
+    image = tmp_path / "bird.png"
+    Image.fromarray(photo(64, 64, 0)).save(image)
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+    assert "none.ckpt not found" in capsys.readouterr().err
+    assert main(["predict", str(image), "--checkpoint", str(stn_checkpoint), "--output", "out.txt"]) == 2
+    assert ".json or .csv" in capsys.readouterr().err
+    assert main(["predict", str(image), "--checkpoint", str(stn_checkpoint)]) == 0
+    buffer = io.StringIO(capsys.readouterr().out)
+    assert buffer.readline().split() == ["image", "rank", "species", "score"]
