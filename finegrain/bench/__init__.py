@@ -1,0 +1,110 @@
+"""`finegrain bench speed|accuracy|plot|markdown`: benchmarks anyone can rerun, written as JSON, shown as tables.
+
+Only argument parsing lives here, so that building the CLI parser imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _options(args: argparse.Namespace, *skip: str) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in {"command", "bench_command", "handler", *skip}}
+
+
+def _finish(report: dict, json_path: Path | None) -> int:
+    from finegrain.bench.report import render_markdown, write_json
+
+    print(render_markdown(report))
+    if json_path is not None:
+        write_json(report, json_path)
+        print(f"wrote {json_path}")
+    return 0
+
+
+def bench_speed(args: argparse.Namespace) -> int:
+    from finegrain.bench.report import command_line
+    from finegrain.bench.speed import Settings, run_speed
+
+    defaults = {"cpu": (5, 2), "cuda": (30, 10)}[args.device]
+    settings = Settings(device=args.device, bf16=args.bf16, channels_last=args.channels_last, compile=args.compile,
+                        batch_size=args.batch_size, steps=args.steps or defaults[0],
+                        warmup=defaults[1] if args.warmup is None else args.warmup)  # fmt: skip
+    command = command_line("finegrain bench speed", args.recipes, _options(args, "recipes"))
+    sections = tuple(args.only) if args.only else ("models", "data", "predictor")
+    report = run_speed(args.recipes, settings, checkpoint=args.checkpoint, sections=sections, command=command)
+    return _finish(report, args.json)
+
+
+def bench_accuracy(args: argparse.Namespace) -> int:
+    from finegrain.bench.accuracy import Budget, run_accuracy
+    from finegrain.bench.report import command_line
+
+    budget = Budget(data=args.data, classes=args.classes, epochs=args.epochs, img_size=args.img_size, seed=args.seed,
+                    quick=args.quick, overrides=args.set or [])  # fmt: skip
+    command = command_line("finegrain bench accuracy", args.recipes, _options(args, "recipes", "set"))
+    command += "".join(f" --set {override}" for override in args.set or [])
+    return _finish(run_accuracy(args.recipes, budget, command=command), args.json)
+
+
+def bench_plot(args: argparse.Namespace) -> int:
+    from finegrain.bench.plots import plot_reports
+
+    for path in plot_reports(args.reports, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def bench_markdown(args: argparse.Namespace) -> int:
+    from finegrain.bench.report import read_json, render_markdown
+
+    print("\n".join(render_markdown(read_json(path)) for path in args.reports))
+    return 0
+
+
+def add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `bench` and its subcommands to the `finegrain` parser's subcommands."""
+    bench = commands.add_parser("bench", help="speed and accuracy benchmarks of the recipes, as JSON and tables")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    speed = sub.add_parser("speed", help="training/inference images/s, memory, data pipeline, Predictor latency, "
+                                         "each against a plain PyTorch/timm reference")  # fmt: skip
+    speed.add_argument("recipes", nargs="*", help="recipe files or bench methods (baseline, cbam, stn, racnn); "
+                       "default: configs/bench/*.yaml on cpu, the GPU recipes in configs/ on cuda")  # fmt: skip
+    speed.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    speed.add_argument("--bf16", action="store_true", help="bf16 autocast (Lightning bf16-mixed) on both sides")
+    speed.add_argument("--channels-last", action="store_true")
+    speed.add_argument("--compile", action="store_true", help="torch.compile both models")
+    speed.add_argument("--batch-size", type=int, help="training batch (default: each recipe's data.batch_size)")
+    speed.add_argument("--steps", type=int, help="timed steps of every measurement (default: cpu 5, cuda 30)")
+    speed.add_argument("--warmup", type=int, help="untimed steps first (default: cpu 2, cuda 10)")
+    speed.add_argument("--checkpoint", type=Path, help="Predictor latency of this checkpoint (default: a tiny model)")
+    speed.add_argument("--only", nargs="+", choices=("models", "data", "predictor"), help="measure only these parts")
+    speed.add_argument("--json", type=Path, help="write the report here")
+    speed.set_defaults(handler=bench_speed)
+
+    accuracy = sub.add_parser("accuracy", help="train and test each recipe under the same budget; test metrics, "
+                                               "per-branch accuracy and localisation")  # fmt: skip
+    accuracy.add_argument("recipes", nargs="*", help="recipe files or bench methods (default: baseline cbam stn "
+                          "racnn, i.e. configs/bench/<method>.yaml, synthetic birds)")  # fmt: skip
+    accuracy.add_argument("--data", help="a CUB-layout folder instead of the recipes' data")
+    accuracy.add_argument("--classes", help="official class ids of --data to use, e.g. 1-10")
+    accuracy.add_argument("--epochs", type=int)
+    accuracy.add_argument("--img-size", type=int)
+    accuracy.add_argument("--seed", type=int, default=0)
+    accuracy.add_argument("--quick", action="store_true", help="configs/bench/quick.yaml on top of each recipe: "
+                          "the four methods on synthetic birds in under 15 minutes on 2 CPU cores")  # fmt: skip
+    accuracy.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                          help="any further `finegrain fit` setting, for every recipe (repeatable)")  # fmt: skip
+    accuracy.add_argument("--json", type=Path, help="write the report here")
+    accuracy.set_defaults(handler=bench_accuracy)
+
+    plot = sub.add_parser("plot", help="PNG figures of benchmark JSON reports")
+    plot.add_argument("reports", nargs="+", type=Path)
+    plot.add_argument("--out", type=Path, default=Path("docs/img"))
+    plot.set_defaults(handler=bench_plot)
+
+    markdown = sub.add_parser("markdown", help="benchmark JSON reports as markdown tables for docs/benchmarks.md")
+    markdown.add_argument("reports", nargs="+", type=Path)
+    markdown.set_defaults(handler=bench_markdown)

@@ -1,0 +1,250 @@
+"""`finegrain bench`: speed figures and their references, accuracy through fit + test, JSON, markdown and plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from finegrain.bench.accuracy import Budget, summarize
+from finegrain.bench.plots import plot_reports
+from finegrain.bench.recipes import BENCH_CONFIGS, build_task, load_recipe
+from finegrain.bench.report import command_line, render_markdown
+from finegrain.bench.speed import Settings, run_speed
+from finegrain.cli import main
+from finegrain.data.cub import PART_NAMES
+from finegrain.errors import FinegrainError
+
+HAS_RACNN = importlib.util.find_spec("finegrain.tasks.racnn") is not None
+METHODS = ["baseline", "cbam", "stn", "racnn"]
+TINY = {"backbone": "test_resnet", "weights": "none"}
+FIGURE_KEYS = {"images_per_s", "peak_memory_mb"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads slow down many times over on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_recipe(method: str, folder: Path) -> Path:
+    """A bench recipe with test_resnet at 64 px, batch 4: the real recipe file, only smaller."""
+    config = yaml.safe_load((BENCH_CONFIGS / f"{method}.yaml").read_text())
+    model = config["model"].get("init_args", config["model"])
+    model.update(TINY)
+    config["data"].update(img_size=64, batch_size=4)
+    path = folder / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def check_figure(figure: dict) -> None:
+    assert set(figure) == {"finegrain", "reference", "ratio"}
+    for side in ("finegrain", "reference"):
+        assert set(figure[side]) == FIGURE_KEYS
+        assert figure[side]["images_per_s"] > 0 and figure[side]["peak_memory_mb"] >= 0
+    assert figure["ratio"] == pytest.approx(figure["finegrain"]["images_per_s"] / figure["reference"]["images_per_s"])
+
+
+@pytest.mark.parametrize("method", ["cbam", "racnn"])  # automatic and manual optimisation (RA-CNN's phases)
+def test_speed_of_each_method_has_positive_figures_and_a_reference_ratio(method, tmp_path):
+    if method == "racnn" and not HAS_RACNN:
+        pytest.skip("finegrain.tasks.racnn is not there yet")
+    report = run_speed([str(tiny_recipe(method, tmp_path))], Settings(steps=2, warmup=1), sections=("models",))
+    (result,) = report["results"]
+    assert result["backbone"] == "test_resnet" and result["img_size"] == 64 and result["batch_size"] == 4
+    assert result["method"] == {"baseline": "baseline", "cbam": "baseline+cbam"}.get(method, method)
+    for key in ("train", "infer_b1", "infer_b32"):
+        check_figure(result[key])
+    assert "data" not in report and "predictor" not in report
+
+
+def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    args = ["bench", "speed", str(tiny_recipe("baseline", tmp_path)), "--steps", "1", "--warmup", "1",
+            "--batch-size", "2", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert {"kind", "schema", "command", "date", "machine", "settings", "memory", "results", "skipped", "data",
+            "predictor"} <= set(report)  # fmt: skip
+    assert report["kind"] == "speed" and report["schema"] == 1
+    assert report["command"].startswith("finegrain bench speed ") and "--batch-size 2" in report["command"]
+    assert {"cpu", "cpu_cores", "memory_gb", "gpu", "torch", "python"} <= set(report["machine"])
+    assert report["settings"] == {"device": "cpu", "bf16": False, "channels_last": False, "compile": False,
+                                  "batch_size": 2, "steps": 1, "warmup": 1}  # fmt: skip
+    assert report["results"][0]["batch_size"] == 2
+    data = report["data"]
+    assert data["img_size"] == 64 and data["source_size"] == [500, 375]
+    check_figure(data["train_sample"])
+    predictor = report["predictor"]
+    if "skipped" not in predictor:
+        assert predictor["checkpoint"] == "fresh test_resnet"
+        check_figure(predictor["b1"])
+        check_figure(predictor["b32"])
+    out_text = capsys.readouterr().out
+    assert "| baseline | baseline | test_resnet | 64 | 2 |" in out_text and f"wrote {out}" in out_text
+
+
+def test_bench_recipes_build_and_the_defaults_cover_every_method():
+    for method in METHODS:
+        recipe = load_recipe(method)
+        assert recipe.path == BENCH_CONFIGS / f"{method}.yaml" and recipe.num_classes == 10
+        assert recipe.preprocessing["img_size"] == 160 and recipe.batch_size == 16
+        if method != "racnn" or HAS_RACNN:
+            assert recipe.unavailable() is None
+            model = recipe.config["model"]
+            model.get("init_args", model).update(TINY)  # the recipe's own model section, on a tiny backbone
+            task = build_task(recipe)
+            assert task.hparams.num_classes == 10 and task.hparams.weights == "none"
+
+
+def test_accuracy_trains_and_tests_each_recipe_under_one_budget(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "accuracy.json"
+    args = ["bench", "accuracy", "stn", "racnn", "--quick", "--data", str(synth_root), "--epochs", "1",
+            "--img-size", "64", "--seed", "3", "--set", "model.backbone=test_resnet", "--set", "model.weights=none",
+            "--set", "data.num_workers=0", "--set", "data.batch_size=8", "--set", "data.val_fraction=0.25",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "accuracy" and report["budget"]["epochs"] == 1 and report["budget"]["seed"] == 3
+    results = {r["name"]: r for r in report["results"]}
+    assert set(results) == ({"stn", "racnn"} if HAS_RACNN else {"stn"})
+    for name, result in results.items():
+        run = tmp_path / "checkpoints" / f"bench_{name}"
+        assert (run / "last.ckpt").is_file() and result["run"] == str(Path("checkpoints") / f"bench_{name}")
+        metrics = result["metrics"]
+        assert 0 <= metrics["top1"] <= 1 and 0 <= metrics["mean_class"] <= 1 and result["fit_seconds"] > 0
+        assert metrics["top1"] == result["logged"]["test/top1"]
+        for scores in metrics["localization"].values():
+            assert len(scores["centre_in_bird"]) == 2 and scores["best_part"]["part"] in PART_NAMES
+    stn = results["stn"]["metrics"]
+    assert set(stn["branches"]) == {"part1", "part2"} and set(stn["localization"]) == {"part1", "part2"}
+    if HAS_RACNN:
+        assert set(results["racnn"]["metrics"]["branches"]) == {"scale1", "scale2", "scale3"}
+    else:
+        assert report["skipped"][0]["recipe"].endswith("racnn.yaml")
+    assert "| stn | stn |" in capsys.readouterr().out
+
+
+def test_summarize_reads_the_logged_test_metrics():
+    logged = {"test/top1": 0.5, "test/top5": 0.9, "test/mean_class": 0.45, "test/loss": 1.2, "val/top1": 0.7,
+              "test/part1/top1": 0.3, "test/part1/top5": 0.8, "test/boxes/part1/side": 0.4,
+              "test/loc/part1/centre_in_bird": 0.8, "test/loc/part1/centre_in_bird_chance": 0.2,
+              "test/loc/part1/contains_bird_centre": 0.1, "test/loc/part1/contains_bird_centre_chance": 0.05,
+              "test/loc/part1/contains_crown": 0.6, "test/loc/part1/contains_crown_chance": 0.1,
+              "test/loc/part1/contains_left_eye": 0.7, "test/loc/part1/contains_left_eye_chance": 0.12}  # fmt: skip
+    summary = summarize(logged)
+    assert (summary["top1"], summary["top5"], summary["mean_class"]) == (0.5, 0.9, 0.45)
+    assert summary["branches"] == {"part1": 0.3}
+    part1 = summary["localization"]["part1"]
+    assert part1["centre_in_bird"] == [0.8, 0.2] and part1["contains_bird_centre"] == [0.1, 0.05]
+    assert part1["parts"] == {"crown": [0.6, 0.1], "left eye": [0.7, 0.12]}
+    assert part1["best_part"] == {"part": "left eye", "rate": 0.7, "chance": 0.12}
+    assert summarize({"test/top1": 0.25})["localization"] == {}
+
+
+MACHINE = {"cpu": "Test CPU", "cpu_cores": 2, "memory_gb": 8.0, "gpu": None, "platform": "Linux", "python": "3.11.7",
+           "torch": "2.14.1"}  # fmt: skip
+
+
+def side(images_per_s: float, memory: float = 100.0) -> dict:
+    return {"images_per_s": images_per_s, "peak_memory_mb": memory}
+
+
+def speed_report() -> dict:
+    figure = {"finegrain": side(12.34, 250.4), "reference": side(24.68, 200.0), "ratio": 0.5}
+    return {"kind": "speed", "schema": 1, "command": "finegrain bench speed stn", "date": "2026-11-26T10:00:00+00:00",
+            "machine": MACHINE, "memory": "RSS growth",
+            "settings": {"device": "cpu", "bf16": True, "channels_last": False, "compile": False, "batch_size": None,
+                         "steps": 5, "warmup": 2},
+            "results": [{"recipe": "configs/bench/stn.yaml", "name": "stn", "method": "stn",
+                         "backbone": "efficientnet_lite0", "img_size": 160, "batch_size": 16, "train": figure,
+                         "infer_b1": figure, "infer_b32": {**figure, "ratio": 1.25}}],
+            "skipped": [{"recipe": "configs/bench/racnn.yaml", "reason": "cannot be imported"}],
+            "data": {"img_size": 160, "source_size": [500, 375], "jpeg_kb": 60.2,
+                     "train_sample": {"finegrain": side(150.0), "reference": side(100.0), "ratio": 1.5}},
+            "predictor": {"skipped": "finegrain.predict is not available"}}  # fmt: skip
+
+
+def accuracy_report() -> dict:
+    metrics = {"top1": 0.5, "top5": 0.9, "mean_class": 0.456, "branches": {"part1": 0.3},
+               "localization": {"part1": {"parts": {}, "centre_in_bird": [0.8, 0.2],
+                                          "best_part": {"part": "left eye", "rate": 0.7, "chance": 0.125}}},
+               }  # fmt: skip
+    return {"kind": "accuracy", "schema": 1, "command": "finegrain bench accuracy --quick", "date": "2026-11-26T10:00",
+            "machine": MACHINE, "skipped": [],
+            "budget": {"data": "recipe (synthetic)", "classes": None, "epochs": None, "img_size": 128, "seed": 0,
+                       "quick": True, "overrides": []},
+            "results": [{"name": "stn", "method": "stn", "fit_seconds": 61.6, "metrics": metrics}]}  # fmt: skip
+
+
+def test_markdown_shows_command_machine_date_and_the_figures():
+    speed = render_markdown(speed_report())
+    machine = "2026-11-26, Test CPU (2 cores, 8.0 GB), no GPU, torch 2.14.1, Python 3.11.7"
+    assert speed.startswith(f"`finegrain bench speed stn`\n\n{machine}\n")
+    assert "Device cpu, bf16; 5 timed steps after 2 warm-up steps." in speed
+    row = "| stn | stn | efficientnet_lite0 | 160 | 16 | 12.3 (×0.50) | 12.3 (×0.50) | 12.3 (×1.25) | 250 (200) |"
+    assert row in speed
+    assert "| torchvision transforms v2 (decode_jpeg, image only) | 100.0 |\n| ratio | ×1.50 |" in speed
+    assert "Predictor: skipped (finegrain.predict is not available)." in speed
+    assert "- skipped configs/bench/racnn.yaml: cannot be imported" in speed
+
+    accuracy = render_markdown(accuracy_report())
+    assert "The same budget for every recipe: quick.yaml's epochs, 128 px input, seed 0." in accuracy
+    row = ("| stn | stn | 50.0 % | part1 30.0 % | 45.6 % | 90.0 % | part1: centre in bird 80.0 % (20.0 %), "
+           "left eye 70.0 % (12.5 %) | 62 |")  # fmt: skip
+    assert row in accuracy
+
+
+def test_markdown_and_plot_commands_read_the_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    paths = []
+    for name, report in (("speed", speed_report()), ("accuracy", accuracy_report())):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert main(["bench", "markdown", *map(str, paths)]) == 0
+    assert "`finegrain bench accuracy --quick`" in capsys.readouterr().out
+    written = plot_reports(paths, tmp_path / "img")
+    assert [p.name for p in written] == ["speed.png", "accuracy.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def test_user_mistakes_are_clear_errors(tmp_path, capsys):
+    assert main(["bench", "speed", str(tmp_path / "nowhere.yaml")]) == 2
+    assert "recipe" in (err := capsys.readouterr().err) and "nowhere.yaml not found" in err and "stn" in err
+    no_model = tmp_path / "data_only.yaml"
+    no_model.write_text("data: {img_size: 64}\n")
+    with pytest.raises(FinegrainError, match="has no model section"):
+        load_recipe(no_model)
+    with pytest.raises(FinegrainError, match="section.key=value"):
+        Budget(overrides=["data.num_workers"]).arguments()
+    assert main(["bench", "markdown", str(no_model)]) == 2
+    assert "not JSON" in capsys.readouterr().err
+    assert main(["bench", "speed", "baseline", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt not found" in capsys.readouterr().err
+
+
+def test_budget_arguments_and_the_reproducing_command():
+    budget = Budget(data="cub", classes="1-10", epochs=3, img_size=96, seed=1, quick=True,
+                    overrides=["data.num_workers=0"])  # fmt: skip
+    assert budget.arguments() == [
+        "--config", str(BENCH_CONFIGS / "quick.yaml"), "--seed_everything", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.max_epochs", "3", "--data.img_size", "96", "--data.root", "cub", "--data.synthesize", "null",
+        "--data.classes", "1-10", "--data.num_workers=0",
+    ]  # fmt: skip
+    assert command_line("finegrain bench speed", ["stn"], {"bf16": True, "steps": 5, "only": ["data"], "json": None,
+                                                           "compile": False}) == (
+        "finegrain bench speed stn --bf16 --steps 5 --only data"
+    )  # fmt: skip
