@@ -8,12 +8,13 @@ from torch import nn
 
 from finegrain.errors import FinegrainError
 from finegrain.models.classifier import Classifier
+from finegrain.models.racnn import RACNN
 from finegrain.models.result import ModelOutput
 from finegrain.models.stn import STCNN
 
 # method name -> network class; each takes num_classes, backbone, weights and its own keyword arguments, has
 # `lr_groups()`, and names its `branch_names` (keys of ModelOutput.branch_logits) and `box_names` (of .boxes).
-NETWORKS: dict[str, type[nn.Module]] = {"baseline": Classifier, "stn": STCNN}
+NETWORKS: dict[str, type[nn.Module]] = {"baseline": Classifier, "stn": STCNN, "racnn": RACNN}
 
 
 def build_network(method: str, **kwargs) -> nn.Module:

@@ -13,6 +13,8 @@ A crop stays inside the image when |c| <= 1 - s on each axis.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -132,7 +134,22 @@ def crop(images: Tensor, theta_or_transform: Tensor, out_size: tuple[int, int]) 
             f"crop needs theta (B, 2, 3) or a transform (B, 4) for {images.shape[0]} images, "
             f"got {tuple(theta_or_transform.shape)}"
         )
-    with torch.autocast(device_type=images.device.type, enabled=False):
+    device = images.device.type  # the meta device (`finegrain info` counts there) has no autocast to switch off
+    no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with no_autocast:
         grid = sampling_grid(theta.float(), out_size)
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
     return out.to(images.dtype)
+
+
+def compose_transforms(outer: Tensor, inner: Tensor) -> Tensor:
+    """The crop `inner`, given in the frame of the crop `outer`, as a transform of outer's own image.
+
+    A point u of inner's output lands at c_i + s_i * u in outer's output frame, and outer maps that to
+    c_o + s_o * (c_i + s_i * u) in the image: centre c_o + s_o * c_i, half extent s_o * s_i, per axis (the
+    product of the two thetas). A crop inside outer's crop stays inside the image, so a zoom into a zoom can be
+    sampled once from the original image instead of resampling the resampled crop.
+    """
+    centre_o, scale_o = outer[..., :2], outer[..., 2:]
+    centre_i, scale_i = inner[..., :2], inner[..., 2:]
+    return torch.cat((centre_o + scale_o * centre_i, scale_o * scale_i), dim=-1)

@@ -177,9 +177,16 @@ class ClassificationTask(pl.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
+        optimizer, schedule = self.optimizer_with_schedule(self.network.lr_groups())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_with_schedule(self, lr_groups: dict[str, list[torch.nn.Parameter]], start_step: int = 0):
+        """The configured optimiser over these parameter groups, each at lr x its lr_scale, and its per-step
+        warm-up + cosine schedule from global step `start_step` (where these parameters start learning) to the
+        end of the run."""
         groups = [
             {"params": params, "lr": self.hparams.lr * self.lr_scales.get(name, 1.0), "name": name}
-            for name, params in self.network.lr_groups().items()
+            for name, params in lr_groups.items()
             if params
         ]
         if self.hparams.optimizer == "sgd":
@@ -187,10 +194,10 @@ class ClassificationTask(pl.LightningModule):
                                         weight_decay=self.hparams.weight_decay)  # fmt: skip
         else:
             optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches) - start_step)
         steps_per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
         warmup_steps = max(1, int(self.hparams.warmup_epochs * steps_per_epoch))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
+            optimizer, lambda step: warmup_cosine(max(0, step - start_step), warmup_steps, total_steps)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizer, schedule

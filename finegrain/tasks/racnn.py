@@ -1,0 +1,159 @@
+"""RA-CNN training: APN pre-training, then alternating classification and ranking phases (manual optimisation).
+
+Two optimisers: one over the classification parameters (backbones, attention gates, classifiers), one over the
+APNs. Every training step runs exactly one of them, chosen by the global step:
+  pretrain        APNs regress towards the square on the previous scale's peak response (`apn_target`);
+  classification  backbones + classifiers learn from cross-entropy at every scale and on the fused logits;
+  ranking         APNs learn from the pairwise ranking loss alone.
+In pretrain and ranking the classification networks are frozen and in eval mode, so their batch-norm statistics
+and dropout stay fixed too. Under DDP the parameters of the idle optimiser get no gradient, so multi-device
+recipes use strategy ddp_find_unused_parameters_true (docs/racnn.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+
+from finegrain.errors import FinegrainError
+from finegrain.models.racnn import PRETRAIN_SCALE, ZoomPass, apn_target, ranking_loss
+from finegrain.tasks.classification import ClassificationTask
+
+PHASES = ("pretrain", "classification", "ranking")
+
+
+def phase_at(step: int, pretrain_steps: int, classification_steps: int, ranking_steps: int) -> str:
+    """The phase of training step `step` (0-based): `pretrain_steps` of APN pre-training, then cycles of
+    `classification_steps` classification steps followed by `ranking_steps` ranking steps."""
+    if step < pretrain_steps:
+        return "pretrain"
+    cycle = (step - pretrain_steps) % (classification_steps + ranking_steps)
+    return "classification" if cycle < classification_steps else "ranking"
+
+
+def pretrain_loss(zoom: ZoomPass) -> torch.Tensor:
+    """Squared distance of each APN's box (centre and half extents, in the frame it looked at) to its target,
+    summed over the box's numbers and the APNs, averaged over the images."""
+    distances = [
+        (box - apn_target(feature_map, aspect)).square().sum(-1).mean()
+        for box, feature_map, aspect in zip(zoom.relative, zoom.feature_maps, zoom.aspects, strict=False)
+    ]
+    return torch.stack(distances).sum()
+
+
+class RACNNTask(ClassificationTask):
+    """The RA-CNN network (`finegrain.models.racnn.RACNN`, method "racnn") with the paper's alternating training.
+
+    Args (besides those of `ClassificationTask`; `method` can only be "racnn", and is kept so that checkpoints
+    name their network like every other task's; `method_args` are the network's: scales, zoom_size,
+    shared_backbone, min_scale, max_scale, apn_grid, apn_hidden):
+        margin: of the ranking loss, in softmax probability (0.05 in the paper).
+        pretrain_steps: APN pre-training steps before the first classification phase; 0 skips it.
+        classification_steps, ranking_steps: lengths of the alternating phases, in training steps; ranking_steps 0
+            never trains the APNs after pre-training.
+    The optimiser settings apply to both optimisers; the APNs' learning rate is lr x lr_scales["apn"] (default 1).
+    Both follow the warm-up + cosine schedule of the global step, the classification one from the end of
+    pre-training (so its warm-up is not spent while it is idle).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        method: Literal["racnn"] = "racnn",
+        backbone: str = "vgg19",
+        weights: str = "none",
+        attention: Literal["none", "se", "eca", "cbam"] = "none",
+        attention_stages: list[int] | None = None,
+        method_args: dict | None = None,
+        drop_rate: float = 0.0,
+        label_smoothing: float = 0.0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.01,
+        lr_scales: dict[str, float] | None = None,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        margin: float = 0.05,
+        pretrain_steps: int = 0,
+        classification_steps: int = 100,
+        ranking_steps: int = 20,
+        class_names: list[str] | None = None,
+        preprocessing: dict | None = None,
+    ):
+        if method != "racnn":
+            raise FinegrainError(f"RACNNTask trains method 'racnn', not {method!r}; use ClassificationTask for others")
+        super().__init__(num_classes, method=method, backbone=backbone, weights=weights, attention=attention,
+                         attention_stages=attention_stages, method_args=method_args, drop_rate=drop_rate,
+                         label_smoothing=label_smoothing, optimizer=optimizer, lr=lr, lr_scales=lr_scales,
+                         weight_decay=weight_decay, momentum=momentum, warmup_epochs=warmup_epochs,
+                         class_names=class_names, preprocessing=preprocessing)  # fmt: skip
+        self.automatic_optimization = False
+        if not 0 <= margin < 1:
+            raise FinegrainError(f"RA-CNN margin {margin} is a probability difference: pick it in [0, 1), e.g. 0.05")
+        if pretrain_steps < 0 or ranking_steps < 0 or classification_steps < 1:
+            raise FinegrainError(
+                f"RA-CNN phase lengths pretrain_steps {pretrain_steps}, classification_steps {classification_steps}, "
+                f"ranking_steps {ranking_steps}: need pretrain_steps >= 0, classification_steps >= 1, "
+                "ranking_steps >= 0"
+            )
+        if pretrain_steps and not self.network.min_scale <= PRETRAIN_SCALE <= self.network.max_scale:
+            raise FinegrainError(
+                f"APN pre-training aims at half the previous side ({PRETRAIN_SCALE}), outside min_scale "
+                f"{self.network.min_scale} .. max_scale {self.network.max_scale}: widen them or set pretrain_steps 0"
+            )
+
+    @property
+    def phase(self) -> str:
+        """The phase of the next training step."""
+        h = self.hparams
+        return phase_at(self.global_step, h.pretrain_steps, h.classification_steps, h.ranking_steps)
+
+    def set_phase_modes(self, phase: str) -> None:
+        """Train mode for what the phase trains; eval mode (fixed batch-norm statistics, no dropout) for the
+        classification networks while the APNs learn."""
+        self.network.train()
+        if phase != "classification":
+            for module in self.network.classification_modules():
+                module.eval()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        phase = self.phase
+        classification_opt, apn_opt = self.optimizers()
+        optimizer = classification_opt if phase == "classification" else apn_opt
+        for opt in (classification_opt, apn_opt):  # no stale gradients from the other phase
+            opt.zero_grad(set_to_none=True)
+        self.toggle_optimizer(optimizer)  # requires_grad only for the parameters this phase trains
+        self.set_phase_modes(phase)
+
+        zoom = self.network.zoom_in(batch["image"])
+        labels = batch["label"]
+        losses = {
+            "classification": self.loss(zoom.output, labels),
+            "ranking": ranking_loss(list(zoom.output.branch_logits.values()), labels, self.hparams.margin),
+            "pretrain": pretrain_loss(zoom),
+        }
+        self.manual_backward(losses[phase])
+        optimizer.step()
+        self.untoggle_optimizer(optimizer)
+        with warnings.catch_warnings():  # the idle optimiser may not have stepped yet; its schedule still follows
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")  # the global step
+            for schedule in self.lr_schedulers():
+                schedule.step()
+
+        size = len(labels)
+        for name, key in (("classification", "loss"), ("ranking", "rank_loss"), ("pretrain", "apn_loss")):
+            self.log(f"train/{key}", losses[name].detach(), on_step=True, on_epoch=True, batch_size=size,
+                     prog_bar=True)  # fmt: skip
+        self.log("train/phase", float(PHASES.index(phase)), on_step=True, on_epoch=False, batch_size=size)
+        self.log(f"train/steps_{phase}", 1.0, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=size)
+        self.log_results(zoom.output, batch, "train")
+
+    def configure_optimizers(self):
+        groups = self.network.lr_groups()
+        apn = {"apn": groups.pop("apn")}
+        # the classifiers' warm-up starts when they start learning, after APN pre-training
+        pairs = (self.optimizer_with_schedule(groups, start_step=self.hparams.pretrain_steps),
+                 self.optimizer_with_schedule(apn))  # fmt: skip
+        return [{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}} for opt, sched in pairs]

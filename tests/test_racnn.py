@@ -1,0 +1,285 @@
+"""RA-CNN: composed zooms sampled from the original image, bounded boxes, losses, pre-training targets, the
+phase schedule (what learns and what stays frozen), and the recipes through the `finegrain` command."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from finegrain.cli import main
+from finegrain.errors import FinegrainError
+from finegrain.models.backbones import create_backbone
+from finegrain.models.complexity import count_gflops
+from finegrain.models.geometry import box_to_transform, compose_transforms, crop, transform_to_box, transform_to_theta
+from finegrain.models.racnn import RACNN, apn_target, ranking_loss
+from finegrain.tasks.racnn import RACNNTask, phase_at
+
+H, W = 48, 64  # non-square, so a swapped x/y cannot pass
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread: deterministic and faster on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**kwargs) -> RACNN:
+    args = {"num_classes": 5, "backbone": "test_resnet", "zoom_size": 12, "apn_grid": 2, "apn_hidden": 8} | kwargs
+    return RACNN(**args)
+
+
+def set_apn_output(apn: torch.nn.Module, raw: list[float]) -> None:
+    """Make an APN give the same raw (tx, ty, tl) for every image."""
+    with torch.no_grad():
+        apn.fc2.weight.zero_()
+        apn.fc2.bias.copy_(torch.tensor(raw))
+
+
+def test_composed_crop_is_sampled_from_the_original_image():
+    image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    # scale 2: the 32 px square x 16..48, y 8..40; scale 3: its bottom-right quarter, x 32..48, y 24..40
+    outer = box_to_transform(torch.tensor([[16 / W, 8 / H, 48 / W, 40 / H]]))
+    inner = box_to_transform(torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+    composed = compose_transforms(outer, inner)
+    torch.testing.assert_close(transform_to_box(composed), torch.tensor([[32 / W, 24 / H, 48 / W, 40 / H]]))
+    homogeneous = torch.cat((transform_to_theta(inner), torch.tensor([[[0.0, 0.0, 1.0]]])), dim=1)
+    torch.testing.assert_close(transform_to_theta(composed), transform_to_theta(outer) @ homogeneous)
+    # one resampling of the original pixels at 1:1 is the slice itself
+    torch.testing.assert_close(crop(image, composed, (16, 16)), image[:, :, 24:40, 32:48], atol=1e-5, rtol=0)
+
+
+def test_network_zooms_into_pixel_squares_of_the_original_input():
+    """Scale 2's box is the APN's square in the input; scale 3's is the square inside scale 2's crop, composed
+    into input coordinates and sampled from the input itself (not from the 2x downsampled scale-2 crop)."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    # scale 2: side 0.5 x 48 = 24 px; centre x = (1 - 0.375) * 0.2 -> pixel 36, y = (1 - 0.5) * -0.5 -> pixel 18
+    set_apn_output(model.apns[0], [math.atanh(0.2), math.atanh(-0.5), 0.0])
+    # scale 3: half of scale 2's side (12 px), a quarter of that side right of its centre: pixels x 33..45, y 12..24
+    set_apn_output(model.apns[1], [math.atanh(0.5), 0.0, 0.0])
+    inputs = []
+    for net in model.backbones:
+        net.forward_features = (lambda f: lambda x: inputs.append(x) or f(x))(net.forward_features)
+    image = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(1))
+    out = model(image)
+    pixels = torch.tensor([W, H, W, H])
+    torch.testing.assert_close(out.boxes["scale2"] * pixels, torch.tensor([[24.0, 6, 48, 30]] * 2))
+    torch.testing.assert_close(out.boxes["scale3"] * pixels, torch.tensor([[33.0, 12, 45, 24]] * 2))
+    assert inputs[0] is image and [tuple(x.shape[-2:]) for x in inputs[1:]] == [(12, 12), (12, 12)]
+    down = F.interpolate(image[:, :, 6:30, 24:48], size=(12, 12), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(inputs[1], down, atol=1e-5, rtol=0)
+    torch.testing.assert_close(inputs[2], image[:, :, 12:24, 33:45], atol=1e-5, rtol=0)
+    assert list(out.branch_logits) == ["scale1", "scale2", "scale3"] and out.logits.shape == (2, 5)
+    assert model.branch_names == ["scale1", "scale2", "scale3"] and model.box_names == ["scale2", "scale3"]
+
+
+@pytest.mark.parametrize("bias", [None, [float("inf"), -float("inf"), float("inf")], [-1e30, 1e30, -float("inf")]])
+def test_boxes_stay_inside_as_squares_of_minimum_size_for_any_apn_output(bias):
+    torch.manual_seed(0)
+    model = tiny(min_scale=0.3, max_scale=0.9).eval()
+    for apn in model.apns:
+        torch.nn.init.normal_(apn.fc2.weight, std=1e4)  # wild, saturating outputs that differ per image
+        if bias is not None:
+            set_apn_output(apn, bias)
+    with torch.no_grad():
+        boxes = model(torch.randn(6, 3, H, W) * 5).boxes
+    for name, min_side in (("scale2", 0.3 * H), ("scale3", 0.3 * 0.3 * H)):
+        box = boxes[name]
+        assert torch.isfinite(box).all() and (box >= -1e-6).all() and (box <= 1 + 1e-6).all()
+        width, height = (box[:, 2] - box[:, 0]) * W, (box[:, 3] - box[:, 1]) * H
+        torch.testing.assert_close(width, height)  # squares in pixels
+        assert (height >= min_side - 1e-3).all()
+    assert boxes["scale3"][:, 0].ge(boxes["scale2"][:, 0] - 1e-6).all()  # scale 3 lies inside scale 2
+    assert boxes["scale3"][:, 3].le(boxes["scale2"][:, 3] + 1e-6).all()
+
+
+def test_ranking_loss_hand_computed():
+    # true-class probabilities per scale: image 0 (class 0) 0.5, 0.6, 0.4; image 1 (class 1) 0.2, 0.1, 0.3
+    probs = [torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.2, 0.3]]), torch.tensor([[0.6, 0.2, 0.2], [0.6, 0.1, 0.3]]),
+             torch.tensor([[0.4, 0.3, 0.3], [0.4, 0.3, 0.3]])]  # fmt: skip
+    logits = [p.log() + 7.0 for p in probs]  # softmax ignores the shift; raw logits would not
+    labels = torch.tensor([0, 1])
+    # image 0: max(0, 0.5 - 0.6 + 0.05) + max(0, 0.6 - 0.4 + 0.05) = 0.25; image 1: 0.15 + 0 -> mean 0.2
+    assert ranking_loss(logits, labels, margin=0.05).item() == pytest.approx(0.2, abs=1e-6)
+    assert ranking_loss(logits[:2], labels, margin=0.0).item() == pytest.approx(0.05, abs=1e-6)  # (0 + 0.1) / 2
+
+
+def test_pretraining_target_is_the_half_side_square_on_the_peak():
+    feature_map = torch.zeros(2, 3, 4, 5)
+    feature_map[0, 0, 1, 3], feature_map[0, 2, 1, 3] = 1.0, 2.0  # channel sum 3 at row 1, column 3
+    feature_map[0, 1, 0, 0] = 2.5  # the largest single value, but not the largest channel sum
+    feature_map[1, :, 3, 4] = 1.0  # bottom-right corner: the square is moved inside
+    # cell centres: x = (2 * 3 + 1) / 5 - 1 = 0.4, y = (2 * 1 + 1) / 4 - 1 = -0.25; corner (0.8, 0.75) -> 0.5
+    expected = torch.tensor([[0.4, -0.25, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]])
+    torch.testing.assert_close(apn_target(feature_map), expected)
+    # an image twice as wide as high: the half-height square is a quarter of the width, its centre x <= 0.75
+    wide = apn_target(feature_map, aspect=2.0)
+    torch.testing.assert_close(wide, torch.tensor([[0.4, -0.25, 0.25, 0.5], [0.75, 0.5, 0.25, 0.5]]))
+
+
+def test_ranking_loss_reaches_both_apns_and_classification_loss_does_not():
+    torch.manual_seed(0)
+    model = tiny()
+    for apn in model.apns:  # apart from the centre, so the crops are not symmetric
+        set_apn_output(apn, [0.3, -0.2, 0.1])
+    out = model(torch.rand(4, 3, H, W))
+    labels = torch.tensor([0, 1, 2, 3])
+    ranking_loss(list(out.branch_logits.values()), labels, margin=0.5).backward(retain_graph=True)
+    for apn in model.apns:
+        assert apn.fc2.bias.grad is not None and apn.fc2.bias.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(out.branch_logits["scale1"], labels).backward()
+    assert all(p.grad is None for p in model.apns.parameters())
+
+
+def test_phase_schedule():
+    phases = [phase_at(step, 2, 3, 1) for step in range(10)]
+    assert phases == ["pretrain"] * 2 + ["classification"] * 3 + ["ranking"] + ["classification"] * 3 + ["ranking"]
+    assert {phase_at(step, 0, 4, 0) for step in range(20)} == {"classification"}
+
+
+def test_bad_settings_get_clear_errors():
+    with pytest.raises(FinegrainError, match="scales must be 2 or 3"):
+        tiny(scales=4)
+    with pytest.raises(FinegrainError, match="half the previous side"):
+        RACNNTask(num_classes=3, backbone="test_resnet", method_args={"min_scale": 0.6}, pretrain_steps=5)
+    with pytest.raises(FinegrainError, match="classification_steps >= 1"):
+        RACNNTask(num_classes=3, backbone="test_resnet", classification_steps=0)
+
+
+def test_lr_groups_cover_every_parameter_once_and_two_scales_work():
+    model = tiny(scales=2, shared_backbone=True, attention="cbam", attention_stages=[3])
+    groups = model.lr_groups()
+    assert list(groups) == ["backbone", "attention", "apn", "head"] and groups["attention"]
+    ids = [id(p) for params in groups.values() for p in params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    out = model(torch.rand(2, 3, H, W))
+    assert list(out.branch_logits) == ["scale1", "scale2"] and list(out.boxes) == ["scale2"]
+    assert len(model.backbones) == 1 and len(model.apns) == 1
+
+
+class PhaseRecorder(pl.Callback):
+    """Per training step: the phase, the classification learning rate, which parameter groups got gradients and
+    changed, and whether batch-norm running statistics changed."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def groups(self, pl_module) -> dict[str, list[torch.Tensor]]:
+        groups = pl_module.network.lr_groups()
+        return {"classification": groups["backbone"] + groups["head"], "apn": groups["apn"]}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = {k: [p.detach().clone() for p in v] for k, v in self.groups(pl_module).items()}
+        self.stats = [b.clone() for n, b in pl_module.network.named_buffers() if "running_mean" in n]
+        self.steps.append({"phase": pl_module.phase, "lr": trainer.optimizers[0].param_groups[0]["lr"]})
+
+    def on_after_backward(self, trainer, pl_module):
+        self.steps[-1]["grads"] = {
+            k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in v) for k, v in self.groups(pl_module).items()
+        }
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = self.groups(pl_module)
+        self.steps[-1]["changed"] = {
+            k: any(not torch.equal(a, b) for a, b in zip(self.before[k], now[k], strict=True)) for k in now
+        }
+        stats = [b for n, b in pl_module.network.named_buffers() if "running_mean" in n]
+        self.steps[-1]["bn_changed"] = any(not torch.equal(a, b) for a, b in zip(self.stats, stats, strict=True))
+
+
+def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns_learn():
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, H, W, generator=torch.Generator().manual_seed(0))
+    data = [{"image": image, "label": torch.tensor(i % 4)} for i, image in enumerate(images)]
+    task = RACNNTask(num_classes=4, backbone="test_resnet", lr=0.1, lr_scales={"backbone": 1.0}, margin=0.9,
+                     method_args={"zoom_size": 24, "apn_grid": 2, "apn_hidden": 8},
+                     pretrain_steps=2, classification_steps=2, ranking_steps=2)  # fmt: skip
+    recorder = PhaseRecorder()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[recorder])  # fmt: skip
+    trainer.fit(task, DataLoader(data, batch_size=4, shuffle=False))
+    phases = [step["phase"] for step in recorder.steps]
+    assert phases == ["pretrain"] * 2 + ["classification"] * 2 + ["ranking"] * 2 + ["classification"] * 2
+    for step in recorder.steps:
+        learns_apn = step["phase"] != "classification"
+        assert step["grads"] == {"classification": not learns_apn, "apn": learns_apn}, step
+        assert step["changed"] == {"classification": not learns_apn, "apn": learns_apn}, step
+        assert step["bn_changed"] == (not learns_apn), step
+    assert all(p.requires_grad for p in task.parameters())  # untoggled after every step
+    # the classifiers' warm-up (1 epoch = 4 steps) starts with their first step, not during pre-training
+    assert recorder.steps[2]["lr"] == pytest.approx(0.1 / 4) and recorder.steps[3]["lr"] == pytest.approx(0.1 / 2)
+
+
+def read_metrics(run: Path) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for path in sorted(run.glob("logs/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                merged.update({k: float(v) for k, v in row.items() if v != ""})
+    return merged
+
+
+def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit", "--config", str(CONFIGS / "racnn_synth.yaml"), "--run_name", "r",
+        "--data.root", str(synth_root), "--data.img_size", "64", "--data.batch_size", "8",
+        "--data.num_workers", "0", "--data.val_fraction", "0.25",
+        "--model.init_args.backbone", "test_resnet", "--model.init_args.weights", "none",
+        "--model.init_args.method_args", '{"zoom_size": 32, "apn_grid": 2, "apn_hidden": 8}',
+        "--model.init_args.pretrain_steps", "1", "--model.init_args.classification_steps", "2",
+        "--model.init_args.ranking_steps", "1",
+        "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "checkpoints" / "r"
+    metrics = read_metrics(run)
+    for phase in ("pretrain", "classification", "ranking"):
+        assert metrics[f"train/steps_{phase}"] >= 1, phase
+    for key in ("train/rank_loss_epoch", "train/apn_loss_epoch", "train/loss_epoch", "val/top1", "val/scale3/top1",
+                "val/boxes/scale2/side", "val/boxes/scale3/centre_spread", "val/loc/scale3/contains_bird_centre"):
+        assert key in metrics, key
+    checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["method"] == "racnn" and checkpoint["global_step"] == 4
+    assert main(["test", *args[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
+    assert "test/scale2/top1" in read_metrics(run)
+
+
+@pytest.mark.parametrize("recipe", ["racnn_cub", "racnn_resnet50_cub", "racnn_lite0_cub10", "racnn_synth"])
+def test_recipes_parse(recipe, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(CONFIGS / f"{recipe}.yaml"), "--print_config"])
+    assert stop.value.code == 0
+    assert "finegrain.tasks.racnn.RACNNTask" in capsys.readouterr().out
+
+
+def test_info_counts_three_vgg19_scales(capsys):
+    assert main(["info", "--config", str(CONFIGS / "racnn_cub.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "network     racnn: vgg19, 200 classes" in out and "input size  448x448" in out
+    # three headless VGG-19s (143.67 M minus the 4096 x 1000 classifier), two APNs on the 14 x 14 pool5 map
+    # pooled to 7 x 7, a classifier per scale and the fused one
+    vgg = 143_667_240 - 4097 * 1000
+    apn = 512 * 49 * 512 + 512 + 513 * 3
+    expected = 3 * vgg + 2 * apn + 3 * 4097 * 200 + (3 * 4096 + 1) * 200
+    assert float(re.search(r"parameters\s+([\d.]+) M", out).group(1)) == pytest.approx(expected / 1e6, abs=0.01)
+    # the cost of one VGG-19 at 448 px and two at 224 px; the APNs and classifiers add 0.03 GMACs
+    with torch.device("meta"):
+        single = create_backbone("vgg19")
+    scales = count_gflops(single, (448, 448)) + 2 * count_gflops(single, (224, 224))
+    assert float(re.search(r"GFLOPs\s+([\d.]+)", out).group(1)) == pytest.approx(scales, abs=0.05)
