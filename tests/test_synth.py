@@ -262,3 +262,17 @@ def test_refuses_non_empty_folder_unless_overwrite(tmp_path: Path):
     (tmp_path / "file").write_text("")
     with pytest.raises(FinegrainError, match="is a file"):
         synthesize_birds(tmp_path / "file", overwrite=True)
+
+
+def test_bird_size_sets_the_framing(tmp_path):
+    from finegrain.data.cub import read_cub
+
+    def mean_length(root) -> float:
+        records = read_cub(root).records
+        return sum(max(r.box[2], r.box[3]) for r in records) / len(records) / 256
+
+    small = mean_length(synthesize_birds(tmp_path / "small", num_classes=2, per_class=4))
+    large = mean_length(synthesize_birds(tmp_path / "large", num_classes=2, per_class=4, bird_size=(0.6, 0.7)))
+    assert small < 0.35 < 0.5 < large  # box sides follow the bird length (beak to tail, plus legs and tilt)
+    with pytest.raises(FinegrainError, match="bird_size"):
+        synthesize_birds(tmp_path / "bad", num_classes=2, per_class=4, bird_size=(0.5, 0.95))

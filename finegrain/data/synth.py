@@ -43,6 +43,7 @@ ATTRIBUTES = (
 MAX_CLASSES = 72
 JPEG_QUALITY = 92
 SUPERSAMPLE = 2  # draw at 2x and downsample: antialiased edges at little cost
+BIRD_SIZE = (0.16, 0.30)  # bird length range, fraction of the shorter image side: small, so finding it matters
 
 # The shared palette (RGB); every image scales it by a random brightness.
 BODY, BELLY, WING, LEG, EYE = (150, 118, 80), (212, 196, 160), (96, 76, 56), (70, 60, 52), (20, 20, 20)
@@ -214,8 +215,9 @@ class BirdSample:
     facing_right: bool
 
 
-def _sample_pose(rng: np.random.Generator, shapes: list[Shape], size: tuple[int, int]) -> Pose:
-    length = min(size) * rng.uniform(0.16, 0.30)
+def _sample_pose(rng: np.random.Generator, shapes: list[Shape], size: tuple[int, int],
+                 bird_size: tuple[float, float]) -> Pose:  # fmt: skip
+    length = min(size) * rng.uniform(*bird_size)
     pose = Pose((0.0, 0.0), length, rng.uniform(-25.0, 25.0), facing_right=bool(rng.random() < 0.5))
     extent = pose.apply(np.concatenate([s.points for s in shapes]))
     margin = 2.0 + pose.length * LEG_WIDTH
@@ -313,12 +315,12 @@ def _part_table(points: dict[str, np.ndarray], pose: Pose) -> np.ndarray:
 
 
 def render_sample(species: Species, rng: np.random.Generator, image_size: tuple[int, int] = (320, 256),
-                  draw_bird: bool = True) -> BirdSample:  # fmt: skip
+                  draw_bird: bool = True, bird_size: tuple[float, float] = BIRD_SIZE) -> BirdSample:  # fmt: skip
     """Render one image of `species` on clutter. `draw_bird=False` paints the same scene without the bird
     (same random numbers, mask, box and parts), which shows exactly which pixels the bird changes."""
     width, height = image_size
     shapes, points = bird_shapes(species)
-    pose = _sample_pose(rng, shapes, image_size)
+    pose = _sample_pose(rng, shapes, image_size, bird_size)
     brightness = rng.uniform(0.85, 1.15)
     canvas = _background(rng, image_size)
     draw = ImageDraw.Draw(canvas)
@@ -363,7 +365,7 @@ WRITTEN = ("images", "parts", "images.txt", "classes.txt", "image_class_labels.t
 
 
 def _check_arguments(num_classes: int, per_class: int, seed: int, image_size: tuple[int, int],
-                     test_fraction: float) -> None:  # fmt: skip
+                     test_fraction: float, bird_size: tuple[float, float]) -> None:  # fmt: skip
     if not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
         raise FinegrainError(f"num_classes (--classes) must be an integer from 2 to {MAX_CLASSES} (the "
                              f"species the synthetic rules define), got {num_classes!r}")  # fmt: skip
@@ -378,6 +380,9 @@ def _check_arguments(num_classes: int, per_class: int, seed: int, image_size: tu
                              f"got {image_size!r}")  # fmt: skip
     if not 0.0 < test_fraction < 1.0:
         raise FinegrainError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction!r}")
+    if not (len(bird_size) == 2 and 0.05 <= bird_size[0] <= bird_size[1] <= 0.8):
+        raise FinegrainError(f"bird_size must be (smallest, largest) bird length as a fraction of the image's "
+                             f"shorter side, with 0.05 <= smallest <= largest <= 0.8, got {bird_size!r}")  # fmt: skip
 
 
 def _prepare_root(root: Path, overwrite: bool) -> None:
@@ -432,13 +437,15 @@ def _readme(arguments: str, species: list[Species]) -> str:
 
 def synthesize_birds(root: str | Path, num_classes: int = 10, per_class: int = 40, seed: int = 0,
                      image_size: tuple[int, int] = (320, 256), test_fraction: float = 0.5,
-                     overwrite: bool = False) -> Path:  # fmt: skip
+                     bird_size: tuple[float, float] = BIRD_SIZE, overwrite: bool = False) -> Path:  # fmt: skip
     """Write `num_classes * per_class` synthetic bird images with every CUB-200-2011 metadata file to `root`.
 
-    `image_size` is (width, height). The same arguments give byte-identical files. Returns `root`.
+    `image_size` is (width, height); `bird_size` the range of bird lengths (beak to tail) as a fraction of the
+    image's shorter side: small by default, so that finding the bird matters; (0.5, 0.8) gives CUB-like framing.
+    The same arguments give byte-identical files. Returns `root`.
     """
-    _check_arguments(num_classes, per_class, seed, image_size, test_fraction)
-    image_size = tuple(image_size)
+    _check_arguments(num_classes, per_class, seed, image_size, test_fraction, bird_size)
+    image_size, bird_size = tuple(image_size), tuple(bird_size)
     root = Path(root).expanduser()
     _prepare_root(root, overwrite)
     (root / "parts").mkdir()
@@ -453,7 +460,8 @@ def synthesize_birds(root: str | Path, num_classes: int = 10, per_class: int = 4
         test = _test_members(per_class, test_fraction, np.random.default_rng((seed, class_id, 0)))
         for index in range(per_class):
             image_id += 1
-            sample = render_sample(kind, np.random.default_rng((seed, class_id, index + 1)), image_size)
+            sample = render_sample(kind, np.random.default_rng((seed, class_id, index + 1)), image_size,
+                                   bird_size=bird_size)  # fmt: skip
             relative = f"{folder}/{kind.name}_{index + 1:04d}.jpg"
             # 4:4:4 chroma keeps the colour of details a few pixels wide.
             Image.fromarray(sample.image).save(root / "images" / relative, quality=JPEG_QUALITY,
@@ -473,6 +481,6 @@ def synthesize_birds(root: str | Path, num_classes: int = 10, per_class: int = 4
     _write_lines(root / "parts" / "parts.txt", [f"{i} {name}" for i, name in enumerate(PART_NAMES, 1)])
     _write_lines(root / "parts" / "part_locs.txt", part_locs)
     arguments = (f"num_classes={num_classes}, per_class={per_class}, seed={seed}, image_size={image_size}, "
-                 f"test_fraction={test_fraction}")  # fmt: skip
+                 f"test_fraction={test_fraction}, bird_size={bird_size}")  # fmt: skip
     (root / "README").write_text(_readme(arguments, species), encoding="utf-8")
     return root
