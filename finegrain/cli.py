@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
+from finegrain.bench import add_bench_commands
 from finegrain.errors import FinegrainError
 
 TRAINING_COMMANDS = ("fit", "validate", "test")
@@ -22,10 +24,11 @@ def run_training(args: list[str]) -> None:
     """`finegrain fit|validate|test --config configs/X.yaml [--section.key value ...]`."""
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.cli import LightningCLI
-    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from finegrain.data.datamodule import CUBDataModule
     from finegrain.tasks.classification import ClassificationTask
+    from finegrain.training import AtomicCheckpointIO, SaveFullConfig, choose_loggers, configure_wandb, run_callbacks
 
     class FinegrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -47,25 +50,45 @@ def run_training(args: list[str]) -> None:
             for name in ("num_classes", "class_names", "preprocessing"):
                 parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
-        def instantiate_trainer(self, **kwargs):
+        def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
-            if config.trainer.logger is None or config.trainer.logger is True:
-                # Logs beside the checkpoints of the same run, not in a stray lightning_logs/.
-                kwargs["logger"] = CSVLogger(save_dir=run_dir(config.run_name), name="logs")
+            loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+            resuming = self.subcommand != "fit" or config.ckpt_path is not None
+            for logger in loggers:
+                if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+                    logger.init_args = type(logger.init_args)(**configure_wandb(
+                        vars(logger.init_args), Path(run_dir(config.run_name)), config.run_name, resuming))  # fmt: skip
+
+        def instantiate_trainer(self, **kwargs):
+            config, trainer = self.config[self.subcommand], self.config_init[self.subcommand].trainer
+            folder = Path(run_dir(config.run_name))
+            # CSV logs beside the checkpoints of the same run (not in a stray lightning_logs/), plus W&B if asked.
+            kwargs["logger"] = choose_loggers(trainer.logger, folder)
             # `last.ckpt` every epoch: Lightning's save_last only writes when the best checkpoint changed.
-            latest = ModelCheckpoint(dirpath=run_dir(config.run_name), filename="last", monitor=None, save_top_k=1,
+            latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                                      enable_version_counter=False)  # fmt: skip
-            kwargs.setdefault("callbacks", []).extend([latest, LearningRateMonitor(logging_interval="epoch")])
+            recipe_callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+            kwargs["callbacks"] = [*filter(None, recipe_callbacks), latest,
+                                   LearningRateMonitor(logging_interval="epoch"), *run_callbacks(folder)]  # fmt: skip
+            plugins = trainer.plugins if isinstance(trainer.plugins, list) else [trainer.plugins]
+            kwargs["plugins"] = [*filter(None, plugins), AtomicCheckpointIO()]
             return super().instantiate_trainer(**kwargs)
 
-    FinegrainCLI(
-        ClassificationTask,
-        CUBDataModule,
-        args=args,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Train and evaluate finegrain recipes.", "default_env": False},
-    )
+    try:
+        FinegrainCLI(
+            ClassificationTask,
+            CUBDataModule,
+            args=args,
+            subclass_mode_model=True,
+            save_config_callback=SaveFullConfig,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "Train and evaluate finegrain recipes.", "default_env": False},
+        )
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)  # pre-empted, last.ckpt saved: not a success for the scheduler
+    finally:
+        if "wandb" in sys.modules:  # one W&B run per command, also when commands run in one process
+            sys.modules["wandb"].finish()
 
 
 def data_check(args: argparse.Namespace) -> int:
@@ -79,8 +102,9 @@ def data_check(args: argparse.Namespace) -> int:
 def data_synth(args: argparse.Namespace) -> int:
     from finegrain.data.synth import synthesize_birds
 
+    size = {"bird_size": tuple(args.bird_size)} if args.bird_size else {}
     root = synthesize_birds(args.root, num_classes=args.classes, per_class=args.per_class, seed=args.seed,
-                            overwrite=args.overwrite)  # fmt: skip
+                            overwrite=args.overwrite, **size)  # fmt: skip
     print(f"wrote synthetic birds to {root}")
     return data_check(argparse.Namespace(root=root, classes=None, fast=False))
 
@@ -92,31 +116,67 @@ def data_prepare_cub(args: argparse.Namespace) -> int:
     return data_check(argparse.Namespace(root=root, classes=None, fast=False))
 
 
+def predict_images(args: argparse.Namespace) -> int:
+    """`finegrain predict PATH... --checkpoint X`: top-k table; bad files are named, the rest still predicted."""
+    from finegrain.predict import Predictor, check_output_path, find_images, format_table, predict_files, write_results
+
+    if args.output is not None:
+        check_output_path(args.output)
+    files, problems = find_images(args.paths)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    results, unreadable = predict_files(predictor, files, top_k=args.top_k, batch_size=args.batch_size,
+                                        viz_dir=args.save_viz)  # fmt: skip
+    problems += unreadable
+    if results:
+        print(format_table(results))
+    if args.output is not None:
+        write_results(results, args.output)
+        print(f"wrote {len(results)} results to {args.output}")
+    if args.save_viz is not None and results:
+        print(f"wrote {len(results)} pictures to {args.save_viz}")
+    for problem in problems:
+        print(f"finegrain: skipped {problem}", file=sys.stderr)
+    if problems:
+        print(f"finegrain: {len(problems)} path(s) could not be predicted (above); {len(results)} image(s) were",
+              file=sys.stderr)  # fmt: skip
+    return 1 if problems else 0
+
+
+def export_model(args: argparse.Namespace) -> int:
+    """`finegrain export CKPT OUT_DIR [--onnx]`: a package Predictor loads without the dataset or recipe."""
+    from finegrain.export import export_package
+
+    out_dir = export_package(args.checkpoint, args.out_dir, onnx=args.onnx)
+    print(f"exported {args.checkpoint} to {out_dir}: {', '.join(sorted(p.name for p in out_dir.iterdir()))}")
+    return 0
+
+
 def show_info(args: list[str]) -> int:
     """`finegrain info --config X [--model.key value ...] [--num_classes N]`: parameters, GFLOPs, input size."""
     import torch
     from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse.typing import import_object
 
-    from finegrain.models import build_network
     from finegrain.models.backbones import preprocessing_config
     from finegrain.models.complexity import count_gflops, count_parameters
     from finegrain.tasks.classification import ClassificationTask
 
     parser = ArgumentParser(prog="finegrain info", description="Size and cost of a recipe's network.")
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_class_arguments(ClassificationTask, "model", skip={"num_classes", "class_names", "preprocessing"})
+    # as in `finegrain fit`: ClassificationTask's arguments, or another task (RA-CNN's) by class_path
+    parser.add_subclass_arguments(ClassificationTask, "model", skip={"num_classes", "class_names", "preprocessing"})
+    parser.set_defaults({"model": {"class_path": "finegrain.tasks.classification.ClassificationTask"}})
     parser.add_argument("--num_classes", type=int, default=200, help="classifier width (CUB: 200)")
     for section in ("data", "trainer", "checkpoint"):  # read from the recipe, only data.img_size is used
         parser.add_argument(f"--{section}", type=dict, default={})
     parser.add_argument("--run_name", type=str, default="run")
     parser.add_argument("--seed_everything", type=int | bool, default=True)
     config = parser.parse_args(args)
-    model = config.model
-    size = preprocessing_config(model.backbone, config.data.get("img_size"))["img_size"]
+    init_args = config.model.init_args.as_dict() | {"num_classes": config.num_classes, "weights": "none"}
     with torch.device("meta"):  # shapes only: no memory, no weights (counts do not depend on them)
-        network = build_network(model.method, num_classes=config.num_classes, backbone=model.backbone,
-                                weights="none", attention=model.attention, attention_stages=model.attention_stages,
-                                drop_rate=model.drop_rate, **(model.method_args or {}))  # fmt: skip
+        task = import_object(config.model.class_path)(**init_args)
+    model, network = task.hparams, task.network
+    size = preprocessing_config(model.backbone, config.data.get("img_size"))["img_size"]
     attention = f" + {model.attention}" if model.attention != "none" else ""
     print(f"network     {model.method}: {model.backbone}{attention}, {config.num_classes} classes")
     print(f"parameters  {count_parameters(network) / 1e6:.2f} M")
@@ -129,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finegrain",
         description="Fine-grained bird classification. Training: finegrain fit|validate|test --config X.yaml "
-        "(see `finegrain fit --help`). Size and cost: finegrain info --config X.yaml.",
+        "(see `finegrain fit --help`). Size and cost: finegrain info --config X.yaml. "
+        "Inference: finegrain predict PHOTOS --checkpoint X; finegrain export X OUT_DIR.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="check, synthesise or download CUB-layout datasets")
@@ -146,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--classes", type=int, default=10, help="number of species")
     synth.add_argument("--per-class", type=int, default=40, help="images per species")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--bird-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                       help="bird length range as a fraction of the shorter image side (default 0.16 0.30)")
     synth.add_argument("--overwrite", action="store_true")
     synth.set_defaults(handler=data_synth)
 
@@ -153,6 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("dir", type=Path, help="where CUB_200_2011/ is unpacked")
     prepare.add_argument("--archive", type=Path, help="use this local CUB_200_2011.tgz instead of downloading")
     prepare.set_defaults(handler=data_prepare_cub)
+
+    predict = commands.add_parser("predict", help="top-k species of photos, and pictures of where the model looked")
+    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="images, or folders searched recursively")
+    predict.add_argument("--checkpoint", type=Path, required=True,
+                         help="a .ckpt from `finegrain fit`, or a folder from `finegrain export`")  # fmt: skip
+    predict.add_argument("--top-k", type=int, default=5, help="species listed per image")
+    predict.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    predict.add_argument("--output", type=Path, help="also write the results to a .json or .csv file")
+    predict.add_argument("--save-viz", type=Path, metavar="DIR",
+                         help="write a picture per image: boxes, crops and top-k bars")  # fmt: skip
+    predict.set_defaults(handler=predict_images)
+
+    export = commands.add_parser("export", help="a self-contained model package (safetensors + JSON), ONNX too")
+    export.add_argument("checkpoint", type=Path, help="a .ckpt written by `finegrain fit`")
+    export.add_argument("out_dir", type=Path, help="the package folder (created)")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx (needs finegrain[onnx])")
+    export.set_defaults(handler=export_model)
+    add_bench_commands(commands)
     return parser
 
 

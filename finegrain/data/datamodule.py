@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finegrain.data.cub import CUBMetadata, CUBRecord, check_cub, read_cub, split_train_val
 from finegrain.data.images import load_rgb
@@ -44,7 +46,13 @@ class CUBDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """`key` is an index, or (index, seed) from EpochSampler: the seed fixes this sample's augmentation."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            # One shared stream for all steps (set_random_seed would give each step the same draws: flips
+            # would always come with colour jitter).
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         record = self.records[index]
         image = load_rgb(record.path)
         box, parts = record.box, record.parts
@@ -113,6 +121,7 @@ class CUBDataModule(pl.LightningDataModule):
         # Plain types only: this travels into checkpoints, which load with weights_only=True.
         self.preprocessing = preprocessing
         self.datasets: dict[str, CUBDataset] = {}
+        self.resume_at: dict[str, int] = {}  # from a checkpoint: see state_dict
 
     @property
     def num_classes(self) -> int:
@@ -128,10 +137,10 @@ class CUBDataModule(pl.LightningDataModule):
         records = self._usable_records()
         train, val = split_train_val([r for r in records if r.is_train], self.val_fraction, self.split_seed)
         test = [r for r in records if not r.is_train]
-        # Seeded from torch so that `seed_everything` makes augmentation reproducible; each loader worker
-        # reseeds its copy (seed_augmentation), or every worker would repeat the same random crops.
-        train_tf = build_transform(self.preprocessing, train=True, augment=self.augment,
-                                   seed=torch.initial_seed() % 2**32)
+        # Data order and every sample's augmentation follow from (seed, epoch) through EpochSampler, never
+        # from RNG state, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run sees.
+        self.seed = torch.initial_seed() % 2**31
+        train_tf = build_transform(self.preprocessing, train=True, augment=self.augment)
         eval_tf = build_transform(self.preprocessing, train=False)
         self.datasets = {
             "train": CUBDataset(train, train_tf, self.use_boxes),
@@ -159,33 +168,85 @@ class CUBDataModule(pl.LightningDataModule):
             raise FinegrainError(f"no usable images left in {self.root} after skipping the broken ones")
         return records
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         dataset = self.datasets[split]
+        train = split == "train"
+        batch_size = self.batch_size if train else self.eval_batch_size
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(dataset, world_size, rank, self.seed, train=train)
+        if train and self.resume_at:
+            # Lightning may start the loader's workers before it restores and sets the epoch: start where the
+            # checkpoint stopped.
+            sampler.set_epoch(self.resume_at["epoch"])
+            sampler.skip = self.resume_at["batches_done"] * batch_size
+            self.resume_at = {}
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=train and len(sampler) > batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=seed_augmentation,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands (saved in checkpoints): the epoch to run next and its batches already trained."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch:
+            return {"epoch": trainer.current_epoch + 1, "batches_done": 0}
+        return {"epoch": trainer.current_epoch, "batches_done": progress.current.completed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = dict(state)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
 
-def seed_augmentation(worker_id: int) -> None:
-    """Give each loader worker's albumentations RNG torch's per-worker seed (deterministic under a global seed)."""
-    dataset = torch.utils.data.get_worker_info().dataset
-    dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+class EpochSampler(DistributedSampler):
+    """One rank's share of a split, a function of (seed, epoch) alone.
+
+    Training: a seeded permutation per epoch, padded to equal shares (DDP needs the same number of steps on every
+    rank), each index paired with a seed for its augmentation. Evaluation: the split in order, dealt out without
+    padding, so that metrics summed over ranks count every sample exactly once (DistributedSampler's padding
+    would count some twice). A DistributedSampler, so that Lightning keeps it instead of wrapping it.
+    `skip`: samples of this rank's share to leave out of the next pass (those a resumed run already trained on).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, train: bool):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=train, seed=seed)
+        size = len(dataset)
+        self.num_samples = math.ceil(size / num_replicas) if train else len(range(rank, size, num_replicas))
+        self.skip = 0
+
+    def __iter__(self):
+        size = len(self.dataset)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if not self.shuffle:
+            yield from range(self.rank, size, self.num_replicas)
+            return
+        order = torch.randperm(size, generator=generator)
+        sample_seeds = torch.randint(2**31, (size,), generator=generator)
+        padded = self.num_samples * self.num_replicas
+        order = order.repeat(math.ceil(padded / size))[:padded]
+        share = order[self.rank :: self.num_replicas][self.skip :]
+        self.skip = 0
+        for index in share.tolist():
+            yield index, int(sample_seeds[index])
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def synthesize_once(root: Path, arguments: dict) -> None:

@@ -80,6 +80,9 @@ class ClassificationTask(pl.LightningModule):
         lr_scales: learning-rate factor per parameter group of the network (e.g. {"backbone": 0.1}).
         weight_decay, momentum: optimiser settings.
         warmup_epochs: linear warm-up length (fractions allowed), then cosine decay to 1% over the run.
+        lr_start_epochs: epochs a parameter group waits before it learns (then warms up on its own), e.g.
+            {"localization": 3}: a part or zoom learns where to look once the classifier has something to say;
+            from the first step, a random classifier's gradients push the boxes into their bounds.
         class_names, preprocessing: linked from the data module and stored in checkpoints for inference.
     """
 
@@ -100,6 +103,7 @@ class ClassificationTask(pl.LightningModule):
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
         warmup_epochs: float = 1.0,
+        lr_start_epochs: dict[str, float] | None = None,
         class_names: list[str] | None = None,
         preprocessing: dict | None = None,
     ):
@@ -194,10 +198,16 @@ class ClassificationTask(pl.LightningModule):
                                         weight_decay=self.hparams.weight_decay)  # fmt: skip
         else:
             optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches) - start_step)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        if math.isinf(self.trainer.num_training_batches):  # max_steps given: Lightning has not sized the data yet
+            self.trainer.fit_loop.setup_data()
         steps_per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
         warmup_steps = max(1, int(self.hparams.warmup_epochs * steps_per_epoch))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(max(0, step - start_step), warmup_steps, total_steps)
-        )
+        delays = self.hparams.get("lr_start_epochs") or {}  # tasks with their own schedule (RA-CNN) lack it
+
+        def factor(start: int):
+            return lambda step: 0.0 if step < start else warmup_cosine(step - start, warmup_steps, total_steps - start)
+
+        starts = [start_step + int(delays.get(group["name"], 0) * steps_per_epoch) for group in groups]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(start) for start in starts])
         return optimizer, schedule
