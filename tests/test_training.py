@@ -85,7 +85,7 @@ def test_embedded_lite0_learns_synthetic_birds_from_their_boxes(tmp_path, monkey
     """Easy synthetic data (the ground-truth box crop, 3 species): a short CPU fine-tune beats chance (1/3)."""
     from finegrain.data.synth import synthesize_birds
 
-    root = synthesize_birds(tmp_path / "birds", num_classes=3, per_class=24, seed=1)
+    root = synthesize_birds(tmp_path / "birds", num_classes=3, per_class=40, seed=1)
     monkeypatch.chdir(tmp_path)
     args = fit_args(root, "--model.weights", "embedded-lite0", "--data.use_boxes", "true", "--data.img_size", "128",
                     "--data.val_fraction", "0.2", backbone="efficientnet_lite0", epochs=8)  # fmt: skip
