@@ -18,7 +18,14 @@ from finegrain.cli import main
 from finegrain.errors import FinegrainError
 from finegrain.models.backbones import create_backbone
 from finegrain.models.complexity import count_gflops
-from finegrain.models.geometry import box_to_transform, compose_transforms, crop, transform_to_box, transform_to_theta
+from finegrain.models.geometry import (
+    bound_transform,
+    box_to_transform,
+    compose_transforms,
+    crop,
+    transform_to_box,
+    transform_to_theta,
+)
 from finegrain.models.racnn import RACNN, apn_target, ranking_loss
 from finegrain.tasks.racnn import RACNNTask, phase_at
 
@@ -103,6 +110,22 @@ def test_boxes_stay_inside_as_squares_of_minimum_size_for_any_apn_output(bias):
         assert (height >= min_side - 1e-3).all()
     assert boxes["scale3"][:, 0].ge(boxes["scale2"][:, 0] - 1e-6).all()  # scale 3 lies inside scale 2
     assert boxes["scale3"][:, 3].le(boxes["scale2"][:, 3] + 1e-6).all()
+
+
+def test_apn_boxes_ignore_the_magnitude_of_the_feature_map():
+    """Right after a classification phase the eval-mode maps were 6x larger (batch-norm running statistics lag
+    the backbone); an APN on the raw map scaled its outputs with them and put every box on the min_scale bound,
+    where the sigmoid saturates for good. The layer-normalised APN gives the same boxes for any scale and offset."""
+    torch.manual_seed(0)
+    apn = tiny().apns[0]
+    torch.nn.init.normal_(apn.fc2.weight, std=0.5)  # a trained-looking APN whose boxes differ per image
+    feature_map = torch.rand(4, apn.fc1.in_features // 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    raw = apn(feature_map)
+    assert raw.abs().max() < 5 and raw[:, 2].std() > 0.05
+    for scale, offset in ((6.0, 0.0), (1e4, 3.0), (0.5, -1.0)):
+        torch.testing.assert_close(apn(feature_map * scale + offset), raw, atol=1e-3, rtol=1e-3)
+    side = bound_transform(apn(feature_map * 1e4), 0.2, 0.8)[:, 2]
+    assert side.gt(0.25).all() and side.lt(0.75).all()  # off both bounds, where the sigmoid still has slope
 
 
 def test_ranking_loss_hand_computed():

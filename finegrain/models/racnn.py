@@ -58,8 +58,13 @@ class AttentionProposal(nn.Module):
     """The APN: two fully connected layers on a scale's last conv map -> raw (tx, ty, tl).
 
     The map is average-pooled to a fixed `grid` x `grid` first, so one APN serves any input size, keeps where
-    the responses are, and does not grow with the image. The last layer starts at zero: every image starts with
-    the centred square of mid-range side, which pre-training then moves.
+    the responses are, and does not grow with the image. The pooled map is then layer-normalised (no learned
+    affine): the box depends on the pattern of the responses, not on their magnitude. Without it the APN, a
+    ReLU network with small biases, scales its raw output with the map; the map is 6x larger in eval mode right
+    after a classification phase (batch-norm running statistics lag the backbone: docs/racnn.md), which pushed
+    every box onto the bounds, where the sigmoid saturates and the ranking loss can no longer move it. The last
+    layer starts at zero: every image starts with the centred square of mid-range side, which pre-training then
+    moves.
     """
 
     def __init__(self, channels: int, grid: int = 7, hidden: int = 512):
@@ -72,7 +77,8 @@ class AttentionProposal(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, feature_map: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(self.pool(feature_map).flatten(1))))
+        pooled = self.pool(feature_map).flatten(1)
+        return self.fc2(self.act(self.fc1(F.layer_norm(pooled, pooled.shape[1:]))))
 
 
 @dataclass
