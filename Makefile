@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-DEMO_DATA := data/synthbirds
+DEMO_DATA := data/synthbirds_large
 # The first test photo of each of four species; the demo's `fit` synthesises the data, so list them at run time.
 DEMO_PHOTOS = $$(awk 'NR == FNR { test[$$1] = $$2 == 0; next } test[$$1] { species = $$2; sub("/.*", "", species); \
 	if (!(species in seen) && n++ < 4) { seen[species]; print "$(DEMO_DATA)/images/" $$2 } }' \
