@@ -96,6 +96,7 @@ class Predictor:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self._lock = threading.Lock()
+        self._local = threading.local()  # one eval transform per thread: a Compose keeps per-call state
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
@@ -149,7 +150,9 @@ class Predictor:
 
         Decode with `finegrain.data.images.load_rgb`, the same path training used.
         """
-        transform = build_transform(self.config.preprocessing, train=False)  # per call: it keeps call state
+        transform = getattr(self._local, "transform", None)
+        if transform is None:  # built once per thread: building costs about twice applying it to one photo
+            transform = self._local.transform = build_transform(self.config.preprocessing, train=False)
         return torch.stack([transform(image=image)["image"] for image in images])
 
     def forward(self, inputs: Tensor) -> ModelOutput:
