@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CUB_ROOT = SHARED / "data" / "CUB_200_2011"
@@ -18,3 +19,13 @@ def synth_root(tmp_path_factory) -> Path:
     from finegrain.data.synth import synthesize_birds
 
     return synthesize_birds(tmp_path_factory.mktemp("synth") / "birds", num_classes=4, per_class=12, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread: deterministic reductions, and tiny models run fastest that way (two threads slow down many
+    times over on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -26,13 +25,7 @@ TINY = {"backbone": "test_resnet", "weights": "none"}
 FIGURE_KEYS = {"images_per_s", "peak_memory_mb"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads slow down many times over on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_recipe(method: str, folder: Path) -> Path:

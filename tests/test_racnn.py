@@ -3,7 +3,6 @@ phase schedule (what learns and what stays frozen), and the recipes through the 
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from pathlib import Path
@@ -28,18 +27,13 @@ from finegrain.models.geometry import (
 )
 from finegrain.models.racnn import RACNN, apn_target, ranking_loss
 from finegrain.tasks.racnn import RACNNTask, phase_at
+from tests.test_training import last_metrics
 
 H, W = 48, 64  # non-square, so a swapped x/y cannot pass
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: deterministic and faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kwargs) -> RACNN:
@@ -247,15 +241,6 @@ def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns
     assert recorder.steps[2]["lr"] == pytest.approx(0.1 / 4) and recorder.steps[3]["lr"] == pytest.approx(0.1 / 2)
 
 
-def read_metrics(run: Path) -> dict[str, float]:
-    merged: dict[str, float] = {}
-    for path in sorted(run.glob("logs/version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                merged.update({k: float(v) for k, v in row.items() if v != ""})
-    return merged
-
-
 def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [
@@ -271,7 +256,7 @@ def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, mo
     ]  # fmt: skip
     assert main(args) == 0
     run = tmp_path / "checkpoints" / "r"
-    metrics = read_metrics(run)
+    metrics = last_metrics(run)
     for phase in ("pretrain", "classification", "ranking"):
         assert metrics[f"train/steps_{phase}"] >= 1, phase
     for key in ("train/rank_loss_epoch", "train/apn_loss_epoch", "train/loss_epoch", "val/top1", "val/scale3/top1",
@@ -280,7 +265,7 @@ def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, mo
     checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["method"] == "racnn" and checkpoint["global_step"] == 4
     assert main(["test", *args[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
-    assert "test/scale2/top1" in read_metrics(run)
+    assert "test/scale2/top1" in last_metrics(run)
 
 
 @pytest.mark.parametrize("recipe", ["racnn_cub", "racnn_resnet50_cub", "racnn_lite0_cub10", "racnn_synth"])

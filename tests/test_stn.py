@@ -18,13 +18,7 @@ def tiny(**kwargs) -> STCNN:
     return STCNN(**args)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: deterministic reductions for the training test, and faster on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_outputs_name_every_branch():

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finegrain.bench.recipes import BENCH_CONFIGS, Recipe, load_recipe
+from finegrain.bench.recipes import BENCH_CONFIGS, Recipe, load_recipe, measure_available
 from finegrain.bench.report import new_report
 from finegrain.errors import FinegrainError
 
@@ -128,11 +128,5 @@ def run_accuracy(recipe_names: list[str], budget: Budget, command: str = "") -> 
     """All recipes trained and tested under `budget`; runs go to checkpoints/bench_<recipe>/."""
     recipes = [load_recipe(name) for name in (recipe_names or METHODS)]
     report = new_report("accuracy", command, budget={**asdict(budget), "data": budget.data or "each recipe's own"})
-    report["results"], report["skipped"] = [], []
-    for recipe in recipes:
-        reason = recipe.unavailable()
-        if reason:
-            report["skipped"].append({"recipe": str(recipe.path), "reason": reason})
-            continue
-        report["results"].append(train_and_test(recipe, budget))
+    measure_available(recipes, report, lambda recipe: train_and_test(recipe, budget))
     return report

@@ -140,3 +140,16 @@ def build_task(recipe: Recipe, weights: str = "none") -> pl.LightningModule:
     except TypeError as e:  # an argument the task does not take: the recipe was written for another version
         raise FinegrainError(f"recipe {recipe.path}: its model section does not fit {recipe.class_path} ({e}); "
                              "fix the recipe") from None  # fmt: skip
+
+
+def measure_available(recipes: list, report: dict, measure) -> None:
+    """`measure(recipe)` into report["results"] for every recipe that can run here; the others, with the
+    reason, into report["skipped"] (a method whose code is not installed, a GPU recipe on a CPU run)."""
+    report.setdefault("results", [])
+    report.setdefault("skipped", [])
+    for recipe in recipes:
+        reason = recipe.unavailable()
+        if reason:
+            report["skipped"].append({"recipe": str(recipe.path), "reason": reason})
+        else:
+            report["results"].append(measure(recipe))

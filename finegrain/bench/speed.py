@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from finegrain.bench.recipes import Recipe, build_task, load_recipe, recipes_for
+from finegrain.bench.recipes import Recipe, build_task, load_recipe, measure_available, recipes_for
 from finegrain.bench.report import figure, new_report
 from finegrain.errors import FinegrainError
 from finegrain.models.backbones import preprocessing_config
@@ -388,12 +388,7 @@ def run_speed(recipe_paths: list[str], settings: Settings, checkpoint: Path | No
                         else "growth of the resident set (RSS), sampled every 5 ms")  # fmt: skip
     report["results"], report["skipped"] = [], []
     if "models" in sections:
-        for recipe in recipes:
-            reason = recipe.unavailable()
-            if reason:
-                report["skipped"].append({"recipe": str(recipe.path), "reason": reason})
-                continue
-            report["results"].append(recipe_speed(recipe, settings))
+        measure_available(recipes, report, lambda recipe: recipe_speed(recipe, settings))
     jpegs = cub_like_jpegs(8)
     if "data" in sections:
         preprocessing = recipes[0].preprocessing if recipes else preprocessing_config("resnet50")
