@@ -89,6 +89,9 @@ def run_training(args: list[str]) -> None:
     finally:
         if "wandb" in sys.modules:  # one W&B run per command, also when commands run in one process
             sys.modules["wandb"].finish()
+            # and its own W&B service: a service left running stays in WANDB_SERVICE, where every later command
+            # and child process (a resumed run, a DDP rank) would join it and find its runs still "in use"
+            sys.modules["wandb"].teardown()
 
 
 def data_check(args: argparse.Namespace) -> int:
