@@ -96,3 +96,19 @@ def test_attention_gates_form_their_own_group_at_the_head_rate():
     assert rates == pytest.approx({"backbone": 0.01, "attention": 0.1, "head": 0.1})
     output = task(torch.randn(1, 3, 64, 64))
     assert output.attention_maps and all(m.shape[0] == 1 for m in output.attention_maps.values())
+
+
+def test_a_group_with_a_start_epoch_waits_then_warms_up_on_its_own():
+    task = make_task(lr=0.1, lr_scales={"backbone": 1.0}, warmup_epochs=1, lr_start_epochs={"head": 2})
+    task.trainer = type("T", (), {"estimated_stepping_batches": 50, "num_training_batches": 10,
+                                  "accumulate_grad_batches": 1})()  # fmt: skip
+    config = task.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(22):
+        rates.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx({"backbone": 0.01, "head": 0.0})  # step 0: warm-up 1/10; head waits
+    assert rates[19]["head"] == 0.0 and rates[19]["backbone"] == pytest.approx(0.1 * warmup_cosine(19, 10, 50))
+    assert rates[20]["head"] == pytest.approx(0.01) and rates[21]["head"] == pytest.approx(0.02)  # its own warm-up
