@@ -161,6 +161,26 @@ def test_ranking_loss_reaches_both_apns_and_classification_loss_does_not():
     assert all(p.grad is None for p in model.apns.parameters())
 
 
+def test_classification_phase_loss_of_a_finer_scale_trains_only_that_scale():
+    """Without the cut, scale 2's loss reaches scale 1's backbone through the frozen APN's input: in the
+    classification phase it reshaped scale 1's features to move the crop (scale 1 then trailed the baseline,
+    16.9 % against 65.0 % in the quick CUB 1-10 bench; 58.0 % with the cut)."""
+    torch.manual_seed(0)
+    model = tiny()
+    for apn in model.apns:  # a trained APN: its zero-initialised last layer would block the path by itself
+        torch.nn.init.normal_(apn.fc2.weight, std=0.1)
+    images, labels = torch.rand(4, 3, H, W), torch.tensor([0, 1, 2, 3])
+    first_layer = next(model.backbone_at(0).parameters())
+    for detach, reaches_scale1 in ((False, True), (True, False)):
+        model.zero_grad(set_to_none=True)
+        out = model.zoom_in(images, detach_boxes=detach).output
+        F.cross_entropy(out.branch_logits["scale2"], labels).backward()
+        assert (first_layer.grad is not None and first_layer.grad.abs().sum() > 0) == reaches_scale1
+        assert next(model.backbone_at(1).parameters()).grad.abs().sum() > 0  # scale 2 itself still learns
+    boxes = model.zoom_in(images, detach_boxes=True).output.boxes
+    torch.testing.assert_close(boxes, model.zoom_in(images).output.boxes)  # the same crops either way
+
+
 def test_phase_schedule():
     phases = [phase_at(step, 2, 3, 1) for step in range(10)]
     assert phases == ["pretrain"] * 2 + ["classification"] * 3 + ["ranking"] + ["classification"] * 3 + ["ranking"]

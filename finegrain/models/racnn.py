@@ -170,9 +170,14 @@ class RACNN(nn.Module):
             "head": [*self.heads.parameters(), *self.fused_head.parameters()],
         }
 
-    def zoom_in(self, images: Tensor) -> ZoomPass:
+    def zoom_in(self, images: Tensor, detach_boxes: bool = False) -> ZoomPass:
         """Run every scale; the crop of scale s + 1 is composed into original-image coordinates and sampled from
-        `images` itself, never from the previous (already resampled) crop."""
+        `images` itself, never from the previous (already resampled) crop.
+
+        `detach_boxes` cuts the path from the crops back through the APNs into the coarser scales: in the
+        classification phase a finer scale's loss must train that scale on the crop it was given, not move the
+        crop by reshaping the coarser scale's features (the APN is frozen, but its input is not).
+        """
         inputs, absolute = images, None
         maps, aspects, relative, descriptors, logits = [], [], [], [], []
         boxes, attention = {}, {}
@@ -198,7 +203,8 @@ class RACNN(nn.Module):
                 relative.append(box)
                 absolute = box if absolute is None else compose_transforms(absolute, box)
                 boxes[self.branch_names[scale + 1]] = transform_to_box(absolute)
-                inputs = crop(images, absolute, (self.zoom_size, self.zoom_size))
+                sampled = absolute.detach() if detach_boxes else absolute
+                inputs = crop(images, sampled, (self.zoom_size, self.zoom_size))
         output = ModelOutput(
             logits=self.fused_head(self.dropout(fuse(descriptors))),
             branch_logits=dict(zip(self.branch_names, logits, strict=True)),

@@ -127,7 +127,7 @@ class RACNNTask(ClassificationTask):
         self.toggle_optimizer(optimizer)  # requires_grad only for the parameters this phase trains
         self.set_phase_modes(phase)
 
-        zoom = self.network.zoom_in(batch["image"])
+        zoom = self.network.zoom_in(batch["image"], detach_boxes=phase == "classification")
         labels = batch["label"]
         losses = {
             "classification": self.loss(zoom.output, labels),
