@@ -86,6 +86,25 @@ def test_network_zooms_into_pixel_squares_of_the_original_input():
     assert model.branch_names == ["scale1", "scale2", "scale3"] and model.box_names == ["scale2", "scale3"]
 
 
+def test_scale1_size_shows_scale1_a_small_copy_and_zooms_into_the_full_input():
+    """Scale 1 sees a 16 px square copy of the 48 x 64 input; the boxes are the same pixel squares of the input
+    as without it (the aspect is the input's, not the copy's) and scale 2 samples the input at full resolution."""
+    torch.manual_seed(0)
+    model = tiny(scale1_size=16, zoom_size=24).eval()
+    set_apn_output(model.apns[0], [math.atanh(0.2), math.atanh(-0.5), 0.0])  # the 24 px square x 24..48, y 6..30
+    inputs = []
+    for net in model.backbones:
+        net.forward_features = (lambda f: lambda x: inputs.append(x) or f(x))(net.forward_features)
+    image = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(1))
+    out = model(image)
+    torch.testing.assert_close(out.boxes["scale2"] * torch.tensor([W, H, W, H]), torch.tensor([[24.0, 6, 48, 30]] * 2))
+    copy = F.interpolate(image, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(inputs[0], copy)
+    torch.testing.assert_close(inputs[1], image[:, :, 6:30, 24:48], atol=1e-5, rtol=0)  # 1:1, not from the copy
+    with pytest.raises(FinegrainError, match="scale1_size must be a positive integer"):
+        tiny(scale1_size=0)
+
+
 @pytest.mark.parametrize("bias", [None, [float("inf"), -float("inf"), float("inf")], [-1e30, 1e30, -float("inf")]])
 def test_boxes_stay_inside_as_squares_of_minimum_size_for_any_apn_output(bias):
     torch.manual_seed(0)
@@ -243,7 +262,7 @@ def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns
     data = [{"image": image, "label": torch.tensor(i % 4)} for i, image in enumerate(images)]
     task = RACNNTask(num_classes=4, backbone="test_resnet", lr=0.1, lr_scales={"backbone": 1.0}, margin=0.9,
                      method_args={"zoom_size": 24, "apn_grid": 2, "apn_hidden": 8},
-                     pretrain_steps=2, classification_steps=2, ranking_steps=2)  # fmt: skip
+                     pretrain_steps=2, classification_steps=2, ranking_steps=2, apn_optimizer="adamw")  # fmt: skip
     recorder = PhaseRecorder()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -257,6 +276,7 @@ def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns
         assert step["changed"] == {"classification": not learns_apn, "apn": learns_apn}, step
         assert step["bn_changed"] == (not learns_apn), step
     assert all(p.requires_grad for p in task.parameters())  # untoggled after every step
+    assert [type(opt) for opt in trainer.optimizers] == [torch.optim.SGD, torch.optim.AdamW]
     # the classifiers' warm-up (1 epoch = 4 steps) starts with their first step, not during pre-training
     assert recorder.steps[2]["lr"] == pytest.approx(0.1 / 4) and recorder.steps[3]["lr"] == pytest.approx(0.1 / 2)
 

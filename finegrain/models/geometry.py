@@ -142,6 +142,15 @@ def crop(images: Tensor, theta_or_transform: Tensor, out_size: tuple[int, int]) 
     return out.to(images.dtype)
 
 
+def square_copy(images: Tensor, side: int | None) -> Tensor:
+    """`images` (B, C, H, W) resized bilinearly to side x side: the cheap overview a localisation network or a
+    coarse scale looks at, while crops are still sampled from the full-resolution `images`. None or the same
+    size returns `images` itself."""
+    if side is None or images.shape[-2:] == (side, side):
+        return images
+    return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+
+
 def compose_transforms(outer: Tensor, inner: Tensor) -> Tensor:
     """The crop `inner`, given in the frame of the crop `outer`, as a transform of outer's own image.
 

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from finegrain.errors import FinegrainError
 from finegrain.models.attention import attention_maps, attention_parameters
 from finegrain.models.backbones import create_backbone
-from finegrain.models.geometry import bound_transform, check_scales, compose_transforms, crop, transform_to_box
+from finegrain.models.geometry import (
+    bound_transform,
+    check_scales,
+    compose_transforms,
+    crop,
+    square_copy,
+    transform_to_box,
+)
 from finegrain.models.result import ModelOutput
 
 PRETRAIN_SCALE = 0.5  # the paper pre-trains each APN towards a square of half the previous scale's side
@@ -112,6 +119,10 @@ class RACNN(nn.Module):
             sigmoid is steepest, and keep a zoom from fading to the whole view or collapsing to a few pixels.
         apn_grid: the APN pools the last conv map to apn_grid x apn_grid before its fully connected layers.
         apn_hidden: width of the APN's hidden layer.
+        scale1_size: side in pixels of the square copy of the input that scale 1 sees; None (the paper) for the
+            input itself. The zooms are always sampled from the full input, so with a smaller scale 1 (a CPU
+            budget: 160 px of a 320 px input) a zoom to half the side sees twice scale 1's resolution, as the
+            paper's 224 px zooms of its 448 px input see the region at full resolution.
 
     Output: `logits` from the fused descriptors (each scale's pooled descriptor L2-normalised, concatenated:
     the paper's "scale 1+2+3"); `branch_logits` {"scale1", "scale2", "scale3"} from each scale's classifier;
@@ -122,15 +133,19 @@ class RACNN(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "vgg19", weights: str | None = "none",
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: list[int] | None = None,
                  scales: int = 3, zoom_size: int = 224, shared_backbone: bool = False, min_scale: float = 0.2,
-                 max_scale: float = 0.8, apn_grid: int = 7, apn_hidden: int = 512):  # fmt: skip
+                 max_scale: float = 0.8, apn_grid: int = 7, apn_hidden: int = 512,
+                 scale1_size: int | None = None):  # fmt: skip
         super().__init__()
         if scales not in (2, 3):
             raise FinegrainError(f"RA-CNN scales must be 2 or 3, got {scales!r}")
-        for name, value in (("zoom_size", zoom_size), ("apn_grid", apn_grid), ("apn_hidden", apn_hidden)):
+        sizes = {"zoom_size": zoom_size, "apn_grid": apn_grid, "apn_hidden": apn_hidden, "scale1_size": scale1_size}
+        for name, value in sizes.items():
+            if value is None and name == "scale1_size":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"RA-CNN {name} must be a positive integer, got {value!r}")
         check_scales(min_scale, max_scale)
-        self.num_scales, self.zoom_size = scales, zoom_size
+        self.num_scales, self.zoom_size, self.scale1_size = scales, zoom_size, scale1_size
         self.min_scale, self.max_scale = min_scale, max_scale
 
         def make_backbone() -> nn.Module:
@@ -178,7 +193,7 @@ class RACNN(nn.Module):
         classification phase a finer scale's loss must train that scale on the crop it was given, not move the
         crop by reshaping the coarser scale's features (the APN is frozen, but its input is not).
         """
-        inputs, absolute = images, None
+        inputs, absolute = square_copy(images, self.scale1_size), None
         maps, aspects, relative, descriptors, logits = [], [], [], [], []
         boxes, attention = {}, {}
         for scale in range(self.num_scales):
@@ -194,7 +209,8 @@ class RACNN(nn.Module):
             # read now: a shared backbone keeps only its last call's maps
             attention.update({f"{name}.{key}": value for key, value in attention_maps(net).items()})
             maps.append(feature_map)
-            aspects.append(inputs.shape[-1] / inputs.shape[-2])
+            # of the original image, not of scale 1's square copy; every zoom is a pixel square (aspect 1)
+            aspects.append(images.shape[-1] / images.shape[-2] if scale == 0 else 1.0)
             descriptors.append(descriptor)
             logits.append(self.heads[scale](self.dropout(descriptor)))
             if scale + 1 < self.num_scales:

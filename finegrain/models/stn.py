@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
@@ -19,6 +18,7 @@ from finegrain.models.geometry import (
     bound_transform,
     check_scales,
     crop,
+    square_copy,
     theta_to_box,
     transform_to_theta,
 )
@@ -150,10 +150,7 @@ class STCNN(nn.Module):
 
     def localize(self, images: Tensor) -> Tensor:
         """Per-part theta (B, num_parts, 2, 3), inside the image, from a loc_size copy of `images`."""
-        small = images
-        if images.shape[-2:] != (self.loc_size, self.loc_size):
-            small = F.interpolate(images, size=(self.loc_size, self.loc_size), mode="bilinear", align_corners=False)
-        raw = self.loc_head(self.loc_net.forward_features(small))
+        raw = self.loc_head(self.loc_net.forward_features(square_copy(images, self.loc_size)))
         if self.transform == "affine":
             return bound_affine(raw, self.min_scale, self.max_scale)
         aspect = images.shape[-1] / images.shape[-2]  # parts are pixel squares of the original image

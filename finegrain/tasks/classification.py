@@ -184,16 +184,17 @@ class ClassificationTask(pl.LightningModule):
         optimizer, schedule = self.optimizer_with_schedule(self.network.lr_groups())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def optimizer_with_schedule(self, lr_groups: dict[str, list[torch.nn.Parameter]], start_step: int = 0):
-        """The configured optimiser over these parameter groups, each at lr x its lr_scale, and its per-step
-        warm-up + cosine schedule from global step `start_step` (where these parameters start learning) to the
-        end of the run."""
+    def optimizer_with_schedule(self, lr_groups: dict[str, list[torch.nn.Parameter]], start_step: int = 0,
+                                kind: str | None = None):  # fmt: skip
+        """An optimiser over these parameter groups, each at lr x its lr_scale, and its per-step warm-up + cosine
+        schedule from global step `start_step` (where these parameters start learning) to the end of the run.
+        `kind` is "sgd" or "adamw"; None for the configured `optimizer`."""
         groups = [
             {"params": params, "lr": self.hparams.lr * self.lr_scales.get(name, 1.0), "name": name}
             for name, params in lr_groups.items()
             if params
         ]
-        if self.hparams.optimizer == "sgd":
+        if (kind or self.hparams.optimizer) == "sgd":
             optimizer = torch.optim.SGD(groups, momentum=self.hparams.momentum, nesterov=True,
                                         weight_decay=self.hparams.weight_decay)  # fmt: skip
         else:

@@ -53,7 +53,11 @@ class RACNNTask(ClassificationTask):
         pretrain_steps: APN pre-training steps before the first classification phase; 0 skips it.
         classification_steps, ranking_steps: lengths of the alternating phases, in training steps; ranking_steps 0
             never trains the APNs after pre-training.
-    The optimiser settings apply to both optimisers; the APNs' learning rate is lr x lr_scales["apn"] (default 1).
+        apn_optimizer: the APNs' optimiser, "sgd" or "adamw"; None for `optimizer`. AdamW's steps do not grow
+            with the gradient: a crop's gradient with respect to its box comes from image edges and spikes, and
+            SGD steps on it threw the zooms from one bound to the other within a ranking phase (docs/racnn.md).
+    The other optimiser settings apply to both optimisers; the APNs' learning rate is lr x lr_scales["apn"]
+    (default 1).
     Both follow the warm-up + cosine schedule of the global step, the classification one from the end of
     pre-training (so its warm-up is not spent while it is idle).
     """
@@ -79,6 +83,7 @@ class RACNNTask(ClassificationTask):
         pretrain_steps: int = 0,
         classification_steps: int = 100,
         ranking_steps: int = 20,
+        apn_optimizer: Literal["sgd", "adamw"] | None = None,
         class_names: list[str] | None = None,
         preprocessing: dict | None = None,
     ):
@@ -155,5 +160,5 @@ class RACNNTask(ClassificationTask):
         apn = {"apn": groups.pop("apn")}
         # the classifiers' warm-up starts when they start learning, after APN pre-training
         pairs = (self.optimizer_with_schedule(groups, start_step=self.hparams.pretrain_steps),
-                 self.optimizer_with_schedule(apn))  # fmt: skip
+                 self.optimizer_with_schedule(apn, kind=self.hparams.apn_optimizer))  # fmt: skip
         return [{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}} for opt, sched in pairs]
