@@ -121,7 +121,7 @@ class RACNN(nn.Module):
         apn_hidden: width of the APN's hidden layer.
         scale1_size: side in pixels of the square copy of the input that scale 1 sees; None (the paper) for the
             input itself. The zooms are always sampled from the full input, so with a smaller scale 1 (a CPU
-            budget: 160 px of a 320 px input) a zoom to half the side sees twice scale 1's resolution, as the
+            budget: 224 px of a 448 px input) a zoom to half the side sees twice scale 1's resolution, as the
             paper's 224 px zooms of its 448 px input see the region at full resolution.
 
     Output: `logits` from the fused descriptors (each scale's pooled descriptor L2-normalised, concatenated:
@@ -138,10 +138,10 @@ class RACNN(nn.Module):
         super().__init__()
         if scales not in (2, 3):
             raise FinegrainError(f"RA-CNN scales must be 2 or 3, got {scales!r}")
-        sizes = {"zoom_size": zoom_size, "apn_grid": apn_grid, "apn_hidden": apn_hidden, "scale1_size": scale1_size}
+        sizes = {"zoom_size": zoom_size, "apn_grid": apn_grid, "apn_hidden": apn_hidden}
+        if scale1_size is not None:
+            sizes["scale1_size"] = scale1_size
         for name, value in sizes.items():
-            if value is None and name == "scale1_size":
-                continue
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"RA-CNN {name} must be a positive integer, got {value!r}")
         check_scales(min_scale, max_scale)
