@@ -68,8 +68,9 @@ def run_training(args: list[str]) -> None:
             latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                                      enable_version_counter=False)  # fmt: skip
             recipe_callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
-            kwargs["callbacks"] = [*filter(None, recipe_callbacks), latest,
-                                   LearningRateMonitor(logging_interval="epoch"), *run_callbacks(folder)]  # fmt: skip
+            # the learning-rate monitor needs a logger to write to: none with `--trainer.logger false`
+            monitor = [LearningRateMonitor(logging_interval="epoch")] if kwargs["logger"] else []
+            kwargs["callbacks"] = [*filter(None, recipe_callbacks), latest, *monitor, *run_callbacks(folder)]
             plugins = trainer.plugins if isinstance(trainer.plugins, list) else [trainer.plugins]
             kwargs["plugins"] = [*filter(None, plugins), AtomicCheckpointIO()]
             return super().instantiate_trainer(**kwargs)

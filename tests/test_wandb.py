@@ -95,8 +95,9 @@ def test_offline_run_holds_metrics_box_panels_crops_and_test_tables(logged_out, 
 def test_logger_false_or_csv_still_work(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, tiny_config(synth_root, trainer={"logger": WANDB_LOGGER}))
-    assert main(["validate", "--config", str(config), "--trainer.logger", "false"]) == 0
+    assert main(["fit", "--config", str(config), "--trainer.logger", "false"]) == 0  # no logger for the lr monitor
     run = tmp_path / "checkpoints" / "tiny"
+    assert (run / "best.ckpt").exists()
     assert not (run / "logs").exists() and not (run / "wandb").exists()
     assert main(["validate", "--config", str(config), "--trainer.logger", "true"]) == 0
     assert list(run.glob("logs/version_0/metrics.csv")) and not (run / "wandb").exists()
