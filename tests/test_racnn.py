@@ -152,17 +152,24 @@ def test_ranking_loss_hand_computed():
     assert ranking_loss(logits[:2], labels, margin=0.0).item() == pytest.approx(0.05, abs=1e-6)  # (0 + 0.1) / 2
 
 
-def test_pretraining_target_is_the_half_side_square_on_the_peak():
-    feature_map = torch.zeros(2, 3, 4, 5)
-    feature_map[0, 0, 1, 3], feature_map[0, 2, 1, 3] = 1.0, 2.0  # channel sum 3 at row 1, column 3
-    feature_map[0, 1, 0, 0] = 2.5  # the largest single value, but not the largest channel sum
-    feature_map[1, :, 3, 4] = 1.0  # bottom-right corner: the square is moved inside
-    # cell centres: x = (2 * 3 + 1) / 5 - 1 = 0.4, y = (2 * 1 + 1) / 4 - 1 = -0.25; corner (0.8, 0.75) -> 0.5
-    expected = torch.tensor([[0.4, -0.25, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]])
+def test_pretraining_target_is_the_square_holding_the_most_response():
+    feature_map = torch.zeros(3, 2, 4, 4)
+    feature_map[0, 0, 1, 2], feature_map[0, 1, 1, 2] = 1.0, 2.0  # one responding cell (channel sum 3): row 1, col 2
+    feature_map[1, :, 3, 3] = 1.0  # bottom-right corner
+    feature_map[2, 0, 0, 0] = 3.0  # the strongest single cell, top-left ...
+    feature_map[2, 0, 2:4, 1:3] = 2.0  # ... against a 2 x 2 block holding 8 in all: the square goes there
+    # Half the side is 2 cells. Every square holding cell (1, 2) ties: their mean centres it on the cell, at x =
+    # (2 * 2 + 1) / 4 - 1 = 0.25, y = (2 * 1 + 1) / 4 - 1 = -0.25. The corner cell: the corner square (0.5, 0.5).
+    # The block covers cells 2-3 x 1-2 exactly: centre x = 0, y = 0.5.
+    expected = torch.tensor([[0.25, -0.25, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], [0.0, 0.5, 0.5, 0.5]])
     torch.testing.assert_close(apn_target(feature_map), expected)
-    # an image twice as wide as high: the half-height square is a quarter of the width, its centre x <= 0.75
+    # an image twice as wide as high: the half-height square is a quarter of the width (1 cell), on the cell
     wide = apn_target(feature_map, aspect=2.0)
-    torch.testing.assert_close(wide, torch.tensor([[0.4, -0.25, 0.25, 0.5], [0.75, 0.5, 0.25, 0.5]]))
+    torch.testing.assert_close(wide[:2], torch.tensor([[0.25, -0.25, 0.25, 0.5], [0.75, 0.5, 0.25, 0.5]]))
+    # a wider square (3 cells of 4): every position holds cell (1, 2), so the mean is the centre of the image;
+    # only the squares at the bottom-right edge hold the corner cell
+    wider = apn_target(feature_map, scale=0.75)
+    torch.testing.assert_close(wider[:2], torch.tensor([[0.0, 0.0, 0.75, 0.75], [0.25, 0.25, 0.75, 0.75]]))
 
 
 def test_ranking_loss_reaches_both_apns_and_classification_loss_does_not():
@@ -209,8 +216,10 @@ def test_phase_schedule():
 def test_bad_settings_get_clear_errors():
     with pytest.raises(FinegrainError, match="scales must be 2 or 3"):
         tiny(scales=4)
-    with pytest.raises(FinegrainError, match="half the previous side"):
+    with pytest.raises(FinegrainError, match="pretrain_scale 0.5 of the previous side, outside min_scale 0.6"):
         RACNNTask(num_classes=3, backbone="test_resnet", method_args={"min_scale": 0.6}, pretrain_steps=5)
+    with pytest.raises(FinegrainError, match="pretrain_scale 0.9 .* max_scale 0.8"):
+        RACNNTask(num_classes=3, backbone="test_resnet", pretrain_steps=5, pretrain_scale=0.9)
     with pytest.raises(FinegrainError, match="classification_steps >= 1"):
         RACNNTask(num_classes=3, backbone="test_resnet", classification_steps=0)
 

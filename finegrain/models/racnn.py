@@ -30,6 +30,7 @@ from finegrain.models.geometry import (
 from finegrain.models.result import ModelOutput
 
 PRETRAIN_SCALE = 0.5  # the paper pre-trains each APN towards a square of half the previous scale's side
+TARGET_SUBCELLS = 8  # apn_target's search steps per map cell: its square's side is within 1/16 cell of the asked
 FUSED_SCALE = 10.0  # length of each scale's normalised descriptor in the fused one (see `fuse`)
 
 
@@ -47,18 +48,31 @@ def ranking_loss(scale_logits: Sequence[Tensor], labels: Tensor, margin: float =
 def apn_target(feature_map: Tensor, aspect: float = 1.0, scale: float = PRETRAIN_SCALE) -> Tensor:
     """The box an APN is pre-trained towards, as a transform (B, 4) in the frame of the scale it looks at.
 
-    A pixel square of side `scale` x that scale's shorter side (the convention of `bound_transform`), centred on
-    the highest response of the channel-summed last conv map `feature_map` (B, C, h, w), shifted just enough to
-    lie inside the image. `aspect` is that scale's input width / height. A target, so limiting its centre is
-    harmless; the APN's own outputs are bounded smoothly by `bound_transform`, never clamped.
+    The paper "searches a square with the highest response" in the previous scale's last conv map: here the
+    pixel square of side `scale` x that scale's shorter side (the convention of `bound_transform`) whose window
+    holds the largest total of the channel-summed `feature_map` (B, C, h, w), searched over every position inside
+    the image on a grid of `TARGET_SUBCELLS` steps per map cell. Where several positions tie (a square larger than
+    the responding region) it takes their mean, which centres the square on that region. A search over squares,
+    not the square around the single strongest cell: on CUB a lone strong cell is often background (sea, branch),
+    and the searched square held the bird's centre more often (docs/racnn.md). `aspect` is that scale's input
+    width / height.
     """
-    batch, _, height, width = feature_map.shape
-    peak = feature_map.detach().float().sum(1).flatten(1).argmax(1)
-    row, col = peak // width, peak % width
-    centre = torch.stack(((2 * col + 1) / width - 1, (2 * row + 1) / height - 1), dim=-1).float()
     half = torch.tensor([scale / max(aspect, 1.0), scale * min(aspect, 1.0)], device=feature_map.device)
-    centre = torch.maximum(torch.minimum(centre, 1 - half), half - 1)
-    return torch.cat((centre, half.expand(batch, 2)), dim=-1)
+    response = feature_map.detach().float().sum(1, keepdim=True)
+    # each cell split into sub-cells of its own value, so a window's sum is the response's integral over it
+    response = F.interpolate(response, scale_factor=TARGET_SUBCELLS, mode="nearest")
+    height, width = response.shape[-2:]
+    window_w, window_h = (max(1, round(h * n)) for h, n in zip(half.tolist(), (width, height), strict=True))
+    sums = F.avg_pool2d(response, (window_h, window_w), stride=1).flatten(1)  # (B, positions)
+    best = sums >= sums.amax(1, keepdim=True) - 1e-6 * sums.amax(1, keepdim=True).abs()
+    positions = width - window_w + 1
+    index = torch.arange(sums.shape[1], device=sums.device)
+    count = best.sum(1)
+    col = (best * (index % positions)).sum(1) / count
+    row = (best * (index // positions)).sum(1) / count
+    centre = torch.stack(((2 * col + window_w) / width - 1, (2 * row + window_h) / height - 1), dim=-1)
+    centre = torch.maximum(torch.minimum(centre, 1 - half), half - 1)  # a window rounded up may reach past it
+    return torch.cat((centre, half.expand(len(centre), 2)), dim=-1)
 
 
 class AttentionProposal(nn.Module):
