@@ -64,6 +64,8 @@ def run_training(args: list[str]) -> None:
             folder = Path(run_dir(config.run_name))
             # CSV logs beside the checkpoints of the same run (not in a stray lightning_logs/), plus W&B if asked.
             kwargs["logger"] = choose_loggers(trainer.logger, folder)
+            if trainer.default_root_dir is None:  # without a logger, Lightning writes config.yaml to the cwd
+                kwargs["default_root_dir"] = str(folder)
             # `last.ckpt` every epoch: Lightning's save_last only writes when the best checkpoint changed.
             latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                                      enable_version_counter=False)  # fmt: skip
