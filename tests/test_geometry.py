@@ -148,3 +148,24 @@ def test_sampling_grid_equals_affine_grid():
     theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(5))
     expected = F.affine_grid(theta, [3, 1, 7, 11], align_corners=False)
     torch.testing.assert_close(sampling_grid(theta, (7, 11)), expected, atol=1e-6, rtol=0)
+
+
+def test_box_gradient_is_the_derivative_of_the_crop():
+    """The gradient the localisation learns from equals finite differences of the crop, on a smooth image (a
+    bilinear crop is piecewise linear in the box; smooth content keeps the kinks small)."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, 24), torch.linspace(0, 1, 32), indexing="ij")
+    image = torch.stack([torch.sin(3 * xs + 2 * ys), torch.cos(4 * ys - xs), xs * ys])[None]  # (1, 3, 24, 32)
+    weight = torch.rand(1, 3, 10, 10, generator=torch.Generator().manual_seed(5))
+
+    def objective(raw: torch.Tensor) -> torch.Tensor:
+        transform = bound_transform(raw, 0.2, 0.9, aspect=32 / 24)
+        return (crop(image, transform_to_theta(transform), (10, 10)) * weight).sum()
+
+    raw = torch.tensor([[0.3, -0.4, 0.2]], requires_grad=True)
+    objective(raw).backward()
+    step = 1e-2
+    finite = torch.tensor([
+        (objective(raw.detach() + step * e) - objective(raw.detach() - step * e)).item() / (2 * step)
+        for e in torch.eye(3)[:, None]
+    ])  # fmt: skip
+    torch.testing.assert_close(raw.grad[0], finite, rtol=0.02, atol=1e-3)
