@@ -211,9 +211,6 @@ def test_phase_schedule():
     phases = [phase_at(step, 2, 3, 1) for step in range(10)]
     assert phases == ["pretrain"] * 2 + ["classification"] * 3 + ["ranking"] + ["classification"] * 3 + ["ranking"]
     assert {phase_at(step, 0, 4, 0) for step in range(20)} == {"classification"}
-    first = [phase_at(step, 2, 3, 1, classification_first_steps=2) for step in range(10)]
-    cycle = ["classification"] * 3 + ["ranking"]
-    assert first == ["classification"] * 2 + ["pretrain"] * 2 + cycle + ["classification"] * 2
 
 
 def test_bad_settings_get_clear_errors():
@@ -223,8 +220,6 @@ def test_bad_settings_get_clear_errors():
         RACNNTask(num_classes=3, backbone="test_resnet", method_args={"min_scale": 0.6}, pretrain_steps=5)
     with pytest.raises(FinegrainError, match="pretrain_scale 0.9 .* max_scale 0.8"):
         RACNNTask(num_classes=3, backbone="test_resnet", pretrain_steps=5, pretrain_scale=0.9)
-    with pytest.raises(FinegrainError, match="classification_first_steps -1: need classification_steps >= 1"):
-        RACNNTask(num_classes=3, backbone="test_resnet", classification_first_steps=-1)
     with pytest.raises(FinegrainError, match="classification_steps >= 1"):
         RACNNTask(num_classes=3, backbone="test_resnet", classification_steps=0)
 

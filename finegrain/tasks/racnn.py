@@ -24,14 +24,9 @@ from finegrain.tasks.classification import ClassificationTask
 PHASES = ("pretrain", "classification", "ranking")
 
 
-def phase_at(step: int, pretrain_steps: int, classification_steps: int, ranking_steps: int,
-             classification_first_steps: int = 0) -> str:  # fmt: skip
-    """The phase of training step `step` (0-based): `classification_first_steps` classification steps, then
-    `pretrain_steps` of APN pre-training, then cycles of `classification_steps` classification steps followed by
-    `ranking_steps` ranking steps."""
-    if step < classification_first_steps:
-        return "classification"
-    step -= classification_first_steps
+def phase_at(step: int, pretrain_steps: int, classification_steps: int, ranking_steps: int) -> str:
+    """The phase of training step `step` (0-based): `pretrain_steps` of APN pre-training, then cycles of
+    `classification_steps` classification steps followed by `ranking_steps` ranking steps."""
     if step < pretrain_steps:
         return "pretrain"
     cycle = (step - pretrain_steps) % (classification_steps + ranking_steps)
@@ -59,9 +54,6 @@ class RACNNTask(ClassificationTask):
         pretrain_scale: side of the pre-training target square, as a fraction of the previous scale's shorter
             side: the paper's 0.5 by default. CUB photographs frame the bird closely (on classes 1-10 the square
             around the bird box is 0.83 of the shorter side, median), and half the side cuts much of it off.
-        classification_first_steps: classification steps BEFORE pre-training (0, the paper's order): the
-            targets then come from a scale 1 that has learnt the birds, not from ImageNet features, which on
-            synthetic birds pointed at the bird no better than a fixed central square (docs/racnn.md).
         classification_steps, ranking_steps: lengths of the alternating phases, in training steps; ranking_steps 0
             never trains the APNs after pre-training.
         apn_optimizer: the APNs' optimiser, "sgd" or "adamw"; None for `optimizer`. AdamW's steps do not grow
@@ -93,7 +85,6 @@ class RACNNTask(ClassificationTask):
         margin: float = 0.05,
         pretrain_steps: int = 0,
         pretrain_scale: float = PRETRAIN_SCALE,
-        classification_first_steps: int = 0,
         classification_steps: int = 100,
         ranking_steps: int = 20,
         apn_optimizer: Literal["sgd", "adamw"] | None = None,
@@ -110,11 +101,11 @@ class RACNNTask(ClassificationTask):
         self.automatic_optimization = False
         if not 0 <= margin < 1:
             raise FinegrainError(f"RA-CNN margin {margin} is a probability difference: pick it in [0, 1), e.g. 0.05")
-        if min(pretrain_steps, ranking_steps, classification_first_steps) < 0 or classification_steps < 1:
+        if pretrain_steps < 0 or ranking_steps < 0 or classification_steps < 1:
             raise FinegrainError(
                 f"RA-CNN phase lengths pretrain_steps {pretrain_steps}, classification_steps {classification_steps}, "
-                f"ranking_steps {ranking_steps}, classification_first_steps {classification_first_steps}: need "
-                "classification_steps >= 1 and the others >= 0"
+                f"ranking_steps {ranking_steps}: need pretrain_steps >= 0, classification_steps >= 1, "
+                "ranking_steps >= 0"
             )
         if pretrain_steps and not self.network.min_scale <= pretrain_scale <= self.network.max_scale:
             raise FinegrainError(
@@ -127,8 +118,7 @@ class RACNNTask(ClassificationTask):
     def phase(self) -> str:
         """The phase of the next training step."""
         h = self.hparams
-        return phase_at(self.global_step, h.pretrain_steps, h.classification_steps, h.ranking_steps,
-                        h.classification_first_steps)  # fmt: skip
+        return phase_at(self.global_step, h.pretrain_steps, h.classification_steps, h.ranking_steps)
 
     def set_phase_modes(self, phase: str) -> None:
         """Train mode for what the phase trains; eval mode (fixed batch-norm statistics, no dropout) for the
@@ -173,9 +163,7 @@ class RACNNTask(ClassificationTask):
     def configure_optimizers(self):
         groups = self.network.lr_groups()
         apn = {"apn": groups.pop("apn")}
-        # each warm-up starts when its parameters start learning
-        h = self.hparams
-        classifiers_start = 0 if h.classification_first_steps else h.pretrain_steps
-        pairs = (self.optimizer_with_schedule(groups, start_step=classifiers_start),
-                 self.optimizer_with_schedule(apn, start_step=h.classification_first_steps, kind=h.apn_optimizer))
+        # the classifiers' warm-up starts when they start learning, after APN pre-training
+        pairs = (self.optimizer_with_schedule(groups, start_step=self.hparams.pretrain_steps),
+                 self.optimizer_with_schedule(apn, kind=self.hparams.apn_optimizer))  # fmt: skip
         return [{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}} for opt, sched in pairs]
