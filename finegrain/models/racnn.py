@@ -30,7 +30,7 @@ from finegrain.models.geometry import (
 from finegrain.models.result import ModelOutput
 
 PRETRAIN_SCALE = 0.5  # the paper pre-trains each APN towards a square of half the previous scale's side
-TARGET_SUBCELLS = 8  # apn_target's search steps per map cell: its square's side is within 1/16 cell of the asked
+TARGET_SUBCELLS = 8  # apn_target searches 8 positions per map cell; its square is within 1/16 cell of the side asked
 FUSED_SCALE = 10.0  # length of each scale's normalised descriptor in the fused one (see `fuse`)
 
 
