@@ -64,12 +64,12 @@ def apn_target(feature_map: Tensor, aspect: float = 1.0, scale: float = PRETRAIN
     height, width = response.shape[-2:]
     window_w, window_h = (max(1, round(h * n)) for h, n in zip(half.tolist(), (width, height), strict=True))
     sums = F.avg_pool2d(response, (window_h, window_w), stride=1).flatten(1)  # (B, positions)
-    best = sums >= sums.amax(1, keepdim=True) - 1e-6 * sums.amax(1, keepdim=True).abs()
-    positions = width - window_w + 1
+    top = sums.amax(1, keepdim=True)
+    best = (sums >= top - 1e-6 * top.abs()).float()
+    best = best / best.sum(1, keepdim=True)  # equal weights on the tied positions
     index = torch.arange(sums.shape[1], device=sums.device)
-    count = best.sum(1)
-    col = (best * (index % positions)).sum(1) / count
-    row = (best * (index // positions)).sum(1) / count
+    positions = width - window_w + 1
+    col, row = (best * (index % positions)).sum(1), (best * (index // positions)).sum(1)
     centre = torch.stack(((2 * col + window_w) / width - 1, (2 * row + window_h) / height - 1), dim=-1)
     centre = torch.maximum(torch.minimum(centre, 1 - half), half - 1)  # a window rounded up may reach past it
     return torch.cat((centre, half.expand(len(centre), 2)), dim=-1)
