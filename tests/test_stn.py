@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from finegrain.errors import FinegrainError
 from finegrain.models.attention import SpatialAttention
 from finegrain.models.stn import STCNN
+from finegrain.tasks.classification import ClassificationTask
 
 H, W = 96, 128  # non-square input: parts must still be pixel squares
 
@@ -121,11 +124,79 @@ def test_runs_under_bf16_autocast():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"transform": "perspective"}, "transform"), ({"num_parts": 0}, "num_parts"), ({"min_scale": 0}, "min_scale")],
+    [({"transform": "perspective"}, "transform"), ({"num_parts": 0}, "num_parts"), ({"min_scale": 0}, "min_scale"),
+     ({"box_gradient": "reinforce"}, "box_gradient"), ({"box_step": 0.0}, "box_step")],  # fmt: skip
 )
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(FinegrainError, match=match):
         tiny(**kwargs)
+
+
+def per_image_ce(labels: torch.Tensor):
+    return lambda logits: F.cross_entropy(logits, labels, reduction="none")
+
+
+def test_finite_difference_box_gradient_is_each_part_parameters_loss_slope():
+    """The localisation's gradient from the estimate = mean over images of (loss(r + h) - loss(r - h)) / 2h, per
+    part and raw parameter, computed here by moving the localisation's bias (its weights start at zero, so the
+    bias IS every image's raw output)."""
+    torch.manual_seed(0)
+    model = tiny(num_parts=2, global_branch=True, box_gradient="finite-difference", box_step=0.25).eval()
+    images, labels = torch.rand(3, 3, H, W), torch.tensor([0, 3, 4])
+    output, estimate = model.forward_with_box_estimate(images, per_image_ce(labels))
+    assert estimate.item() == 0.0  # adds nothing to the loss value
+    estimate.backward()
+    bias = model.loc_head.fc2.bias
+    expected = torch.zeros_like(bias)
+    with torch.no_grad():
+        for k in range(len(bias)):
+            losses = []
+            for sign in (1, -1):
+                bias[k] += sign * 0.25
+                losses.append(F.cross_entropy(model(images).logits, labels, reduction="none"))
+                bias[k] -= sign * 0.25
+            expected[k] = ((losses[0] - losses[1]) / 0.5).mean()
+    torch.testing.assert_close(bias.grad, expected, atol=1e-5, rtol=1e-4)
+    assert expected.abs().min() > 0  # every part and parameter did move the loss
+    torch.testing.assert_close(output.logits, model(images).logits)  # the output is the plain forward's
+
+
+def test_finite_difference_leaves_crops_and_batch_norm_statistics_alone():
+    """With the estimate, the class loss trains the part networks and the head but not the localisation (only the
+    estimate does), and the probe passes neither change batch-norm statistics nor leave the part networks in
+    eval mode: afterwards the model is as after one plain training forward."""
+    torch.manual_seed(0)
+    model = tiny(num_parts=2, box_gradient="finite-difference")
+    plain = copy.deepcopy(model)
+    images, labels = torch.rand(4, 3, H, W), torch.tensor([0, 1, 2, 3])
+    output, estimate = model.forward_with_box_estimate(images, per_image_ce(labels))
+    plain(images)
+    assert all(net.training for net in model.part_nets)
+    for (name, mine), theirs in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(mine, theirs, msg=name)
+    F.cross_entropy(output.logits, labels).backward(retain_graph=True)
+    localization = [*model.loc_net.parameters(), *model.loc_head.parameters()]
+    assert all(p.grad is None for p in localization)
+    assert all(p.grad is not None for p in [*model.part_nets.parameters(), *model.head.parameters()])
+    estimate.backward()
+    assert model.loc_head.fc2.weight.grad.abs().sum() > 0
+
+
+def test_the_task_adds_the_estimate_only_in_training(monkeypatch):
+    task = ClassificationTask(num_classes=5, method="stn", backbone="test_resnet", method_args={
+        "part_size": 32, "loc_size": 64, "box_gradient": "finite-difference"})  # fmt: skip
+    calls = []
+    original = task.network.forward_with_box_estimate
+    monkeypatch.setattr(task.network, "forward_with_box_estimate", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(task, "log", lambda *a, **k: None)
+    monkeypatch.setattr(task, "log_dict", lambda *a, **k: None)
+    batch = {"image": torch.rand(2, 3, H, W), "label": torch.tensor([1, 4])}
+    loss = task.training_step(batch, 0)
+    loss.backward()
+    assert calls == [1] and torch.isfinite(loss)
+    assert task.network.loc_head.fc2.weight.grad.abs().sum() > 0  # from the estimate
+    task.validation_step(batch, 0)
+    assert calls == [1]
 
 
 def test_training_moves_a_part_onto_the_evidence():

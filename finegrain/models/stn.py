@@ -6,6 +6,7 @@ the part features are classified together. Trained end to end from class labels 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from finegrain.models.result import ModelOutput
 
 # raw localisation outputs per part: attention = (x, y, scale), affine = (x, y, x scale, y scale, 2 shears)
 TRANSFORM_PARAMS = {"attention": 3, "affine": 6}
+BOX_GRADIENTS = ("autograd", "finite-difference")
 
 
 def start_bias(num_parts: int, num_params: int) -> Tensor:
@@ -90,6 +92,12 @@ class STCNN(nn.Module):
         global_branch: also classify the whole image with its own network.
         attention, attention_stages: attention gates in the part and global networks (see
             `create_backbone`); the localisation network stays plain.
+        box_gradient: how the class loss trains the localisation. "autograd" (the paper's): back-propagation
+            through the bilinear crop. "finite-difference": from each image's loss at its raw part parameters
+            ± `box_step` (`forward_with_box_estimate`), as the autograd box gradient of a CNN classifier points
+            toward the bird no more often than a coin flip (docs/benchmarks.md, "Which way is the bird?").
+        box_step: raw localisation step of the finite differences (a shift of about 6 % of the image side for a
+            part of side 0.55).
 
     Output: fused `logits`; `branch_logits` {"global" (if on), "part1", ..., "partN"} from linear probes on each
     branch's DETACHED features; `boxes` {"part1", ...} as normalised xyxy (the box around the parallelogram for
@@ -103,10 +111,16 @@ class STCNN(nn.Module):
                  drop_rate: float = 0.0, num_parts: int = 2, transform: str = "attention", part_size: int = 224,
                  min_scale: float = 0.2, max_scale: float = 1.0, loc_backbone: str | None = None, loc_size: int = 224,
                  shared_parts: bool = False, global_branch: bool = False, attention: str = "none",
-                 attention_stages: list[int] | None = None):  # fmt: skip
+                 attention_stages: list[int] | None = None, box_gradient: str = "autograd",
+                 box_step: float = 0.3):  # fmt: skip
         super().__init__()
         if transform not in TRANSFORM_PARAMS:
             raise FinegrainError(f"ST-CNN transform {transform!r} is unknown; choose one of {list(TRANSFORM_PARAMS)}")
+        if box_gradient not in BOX_GRADIENTS:
+            raise FinegrainError(f"ST-CNN box_gradient {box_gradient!r} is unknown; choose one of {BOX_GRADIENTS}")
+        if not box_step > 0:
+            raise FinegrainError(f"ST-CNN box_step must be positive (a raw step, e.g. 0.3), got {box_step}")
+        self.box_gradient, self.box_step = box_gradient, box_step
         for name, value in (("num_parts", num_parts), ("part_size", part_size), ("loc_size", loc_size)):
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"ST-CNN {name} must be a positive integer, got {value!r}")
@@ -148,28 +162,82 @@ class STCNN(nn.Module):
         parts = [self.part_nets[i % len(self.part_nets)] for i in range(self.num_parts)]
         return ([self.global_net] if self.global_net is not None else []) + parts
 
-    def localize(self, images: Tensor) -> Tensor:
-        """Per-part theta (B, num_parts, 2, 3), inside the image, from a loc_size copy of `images`."""
-        raw = self.loc_head(self.loc_net.forward_features(square_copy(images, self.loc_size)))
+    def localize_raw(self, images: Tensor) -> Tensor:
+        """Unbounded localisation outputs (B, num_parts, num_params) from a loc_size copy of `images`."""
+        return self.loc_head(self.loc_net.forward_features(square_copy(images, self.loc_size)))
+
+    def raw_to_theta(self, raw: Tensor, images: Tensor) -> Tensor:
+        """Raw outputs -> per-part theta (B, num_parts, 2, 3), inside the image."""
         if self.transform == "affine":
             return bound_affine(raw, self.min_scale, self.max_scale)
         aspect = images.shape[-1] / images.shape[-2]  # parts are pixel squares of the original image
         return transform_to_theta(bound_transform(raw, self.min_scale, self.max_scale, aspect=aspect))
 
     def forward(self, images: Tensor) -> ModelOutput:
-        theta = self.localize(images)
-        parts = [crop(images, theta[:, i], (self.part_size, self.part_size)) for i in range(self.num_parts)]
-        inputs = ([images] if self.global_net is not None else []) + parts
+        return self._forward_at(images, self.localize_raw(images))[0]
+
+    def _part_features(self, index: int, images: Tensor, theta: Tensor) -> Tensor:
+        net = self.part_nets[index % len(self.part_nets)]
+        return net(crop(images, theta, (self.part_size, self.part_size)))
+
+    def _forward_at(self, images: Tensor, raw: Tensor) -> tuple[ModelOutput, list[Tensor]]:
+        """The output for these raw part parameters, and each branch's features (before dropout)."""
+        theta = self.raw_to_theta(raw, images)
         features, maps = [], {}
-        for name, net, x in zip(self.branch_names, self.branch_nets(), inputs, strict=True):
-            features.append(net(x))
+        if self.global_net is not None:
+            features.append(self.global_net(images))
+            maps.update({f"global.{key}": value for key, value in attention_maps(self.global_net).items()})
+        for i, name in enumerate(self.box_names):
+            features.append(self._part_features(i, images, theta[:, i]))
             # read now: a shared part network keeps only its last call's maps
+            net = self.part_nets[i % len(self.part_nets)]
             maps.update({f"{name}.{key}": value for key, value in attention_maps(net).items()})
         fused = self.dropout(torch.cat(features, dim=1))
         probes = fused.detach().chunk(len(self.branch_names), dim=1)
-        return ModelOutput(
+        output = ModelOutput(
             logits=self.head(fused),
             branch_logits={name: self.branch_heads[name](x) for name, x in zip(self.branch_names, probes, strict=True)},
             boxes={name: theta_to_box(theta[:, i]) for i, name in enumerate(self.box_names)},
             attention_maps=maps,
         )
+        return output, features
+
+    def forward_with_box_estimate(
+        self, images: Tensor, per_image_loss: Callable[[Tensor], Tensor]
+    ) -> tuple[ModelOutput, Tensor]:
+        """Training forward for `box_gradient="finite-difference"`: the output, with the crops cut off from the
+        localisation, and a term whose gradient gives the localisation each image's central differences.
+
+        For every part and raw parameter r, the fused logits are recomputed (no gradient, part networks in eval
+        mode so the probes neither use nor update batch statistics, no dropout) with that part sampled at
+        r ± box_step, the other branches' features kept; d = (loss(r + step) - loss(r - step)) / (2 step) per
+        image, from `per_image_loss(logits) -> (B,)`. The returned term is sum(d * (raw - raw.detach())) / B:
+        zero in value, its gradient reaches the localisation as d, and adding it to the loss is all the
+        caller does. Costs 2 x num_params extra part forward passes per part (6 for attention).
+        """
+        raw = self.localize_raw(images)
+        output, features = self._forward_at(images, raw.detach())
+        steps = self.box_step * torch.eye(raw.shape[-1], device=raw.device, dtype=raw.dtype)
+        offsets = torch.cat((steps, -steps))  # (2P, P): +step on each parameter, then -step
+        slopes = torch.zeros_like(raw)
+        first_part = len(self.branch_names) - self.num_parts
+        kept = [f.detach() for f in features]
+        modes = [net.training for net in self.part_nets]
+        self.part_nets.eval()
+        try:
+            with torch.no_grad():
+                for i in range(self.num_parts):
+                    probes = (raw[:, i].detach()[None] + offsets[:, None]).flatten(0, 1)  # (2P * B, P)
+                    repeated = images.repeat(len(offsets), 1, 1, 1)
+                    theta = self.raw_to_theta(probes[:, None], repeated)[:, 0]
+                    moved = self._part_features(i, repeated, theta)
+                    branches = [f.repeat(len(offsets), 1) for f in kept]
+                    branches[first_part + i] = moved
+                    logits = self.head(torch.cat(branches, dim=1)).chunk(len(offsets))
+                    losses = torch.stack([per_image_loss(x) for x in logits])  # (2P, B)
+                    half = len(offsets) // 2
+                    slopes[:, i] = ((losses[:half] - losses[half:]) / (2 * self.box_step)).T
+        finally:
+            for net, mode in zip(self.part_nets, modes, strict=True):
+                net.train(mode)
+        return output, (slopes * (raw - raw.detach())).sum() / len(images)

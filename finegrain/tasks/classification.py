@@ -136,13 +136,21 @@ class ClassificationTask(pl.LightningModule):
         return torch.stack(ce).sum()
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        output = self(batch["image"])
+        box_estimate = 0.0
+        if stage == "train" and getattr(self.network, "box_gradient", "autograd") == "finite-difference":
+            def fused_loss(logits: torch.Tensor) -> torch.Tensor:
+                return F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing,
+                                       reduction="none")  # fmt: skip
+
+            output, box_estimate = self.network.forward_with_box_estimate(batch["image"], fused_loss)
+        else:
+            output = self(batch["image"])
         loss = self.loss(output, batch["label"])
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(batch["label"]), sync_dist=not on_step)  # fmt: skip
         self.log_results(output, batch, stage)
-        return loss
+        return loss + box_estimate  # zero in value: only its gradient, to the localisation
 
     def log_results(self, output: ModelOutput, batch: dict, stage: str) -> None:
         """Accuracy of the fused and every branch prediction; box statistics; localisation (val and test)."""
