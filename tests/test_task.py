@@ -32,6 +32,16 @@ def test_network_registry_rejects_unknown_methods_and_arguments():
         build_network("baseline", num_classes=3, backbone="test_resnet", zoom=2)
 
 
+def test_method_args_given_on_the_command_line_are_read_as_yaml():
+    """`--model.method_args.min_scale 0.4` arrives as the string "0.4"; arguments that take strings stay strings."""
+    net = build_network("stn", num_classes=3, backbone="test_resnet", min_scale="0.4", num_parts="3",
+                        global_branch="true", box_gradient="finite-difference", loc_backbone="test_resnet")  # fmt: skip
+    assert (net.min_scale, net.num_parts, net.box_gradient) == (0.4, 3, "finite-difference")
+    assert net.global_net is not None
+    with pytest.raises(FinegrainError, match=r"method_args.min_scale must be a number, got 'small'"):
+        build_network("stn", num_classes=3, backbone="test_resnet", min_scale="small")
+
+
 def test_forward_returns_the_shared_result_and_gradients_reach_backbone_and_head():
     task = make_task()
     output = task(torch.randn(2, 3, 64, 80))
