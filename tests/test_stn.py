@@ -199,6 +199,26 @@ def test_the_task_adds_the_estimate_only_in_training(monkeypatch):
     assert calls == [1]
 
 
+BLOCK = 24  # side of the blue block; its bottom-left quadrant carries the class colour
+
+
+def evidence_batch(n: int, gen: torch.Generator, corner_x: int, corner_y: int,
+                   jitter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Grey images, each with the blue block at (corner_x, corner_y) ± jitter px; its bottom-left quadrant is red
+    (class 0) or green (class 1). Returns images, labels and the quadrants' pixel boxes (x1, y1, x2, y2)."""
+    quadrant = BLOCK // 2
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    images = torch.full((n, 3, H, W), 0.5)
+    xs = corner_x + torch.randint(-jitter, jitter + 1, (n,), generator=gen)
+    ys = corner_y + torch.randint(-jitter, jitter + 1, (n,), generator=gen)
+    cue = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])[labels]
+    for image, x, y, colour in zip(images, xs.tolist(), ys.tolist(), cue, strict=True):
+        image[:, y : y + BLOCK, x : x + BLOCK] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+        image[:, y + BLOCK - quadrant : y + BLOCK, x : x + quadrant] = colour[:, None, None]
+    quadrants = torch.stack((xs, ys + BLOCK - quadrant, xs + quadrant, ys + BLOCK), dim=1).float()
+    return images, labels, quadrants
+
+
 def test_training_moves_a_part_onto_the_evidence():
     """20 SGD steps: part 1 moves onto the small patch that tells the classes apart.
 
@@ -215,22 +235,13 @@ def test_training_moves_a_part_onto_the_evidence():
     """
     torch.manual_seed(0)
     model = STCNN(2, backbone="test_resnet", num_parts=2, part_size=32, loc_size=64)
-    block, quadrant = 24, 12
+    block, quadrant = BLOCK, BLOCK // 2
     start = model(torch.zeros(2, 3, H, W)).boxes  # the same for every image at the start
     x1, y2 = (start["part1"][0, [0, 3]] * torch.tensor([W, H])).tolist()
     corner_x, corner_y = round(x1) + 4 - quadrant, round(y2) - 4 - (block - quadrant)  # 4x4 px of it inside
 
     def batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        labels = torch.randint(0, 2, (n,), generator=gen)
-        images = torch.full((n, 3, H, W), 0.5)
-        xs = corner_x + torch.randint(-2, 3, (n,), generator=gen)
-        ys = corner_y + torch.randint(-2, 3, (n,), generator=gen)
-        cue = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])[labels]
-        for image, x, y, colour in zip(images, xs.tolist(), ys.tolist(), cue, strict=True):
-            image[:, y : y + block, x : x + block] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]
-            image[:, y + block - quadrant : y + block, x : x + quadrant] = colour[:, None, None]
-        quadrants = torch.stack((xs, ys + block - quadrant, xs + quadrant, ys + block), dim=1).float()
-        return images, labels, quadrants
+        return evidence_batch(n, gen, corner_x, corner_y, jitter=2)
 
     eval_images, _, eval_quadrants = batch(32, torch.Generator().manual_seed(1))
 
@@ -264,3 +275,50 @@ def test_training_moves_a_part_onto_the_evidence():
     assert after[0, :, 0].mean() < before[0, :, 0].mean() - 3  # left edge moved left by pixels
     assert after[0, :, 3].mean() > before[0, :, 3].mean() + 2  # bottom edge moved down
     torch.testing.assert_close(after[1], before[1])  # part 2 saw only flat grey: no gradient, no move
+
+
+def test_finite_differences_make_a_part_follow_the_evidence_on_every_image():
+    """Per-image localisation learnt from class labels: the block lands anywhere within ±20 px of the image centre,
+    and after 20 steps of the classifier alone and 60 with the localisation (SGD 0.03, finite differences), one
+    part follows it on every image: its centre correlates > 0.8 with the coloured quadrant's on both axes and holds
+    the quadrant's centre in >= 90 % of images (61 % for the fixed starting part).
+
+    Measured while writing this, seeds 0-4: correlation 0.85-0.99, quadrant centre held in 95-100 % of images,
+    3.7-11 px from it. The same schedule with the autograd box gradient (SGD 0.03 or 0.003) sent the part into a
+    corner (quadrant held in 0 %); with Adam 1e-3 autograd reached 9.5 px, finite differences 2.7 px.
+    """
+    torch.manual_seed(0)
+    model = STCNN(2, backbone="test_resnet", num_parts=1, part_size=32, loc_size=64, min_scale=0.3, max_scale=0.4,
+                  box_gradient="finite-difference")  # fmt: skip
+    centre_x, centre_y = (W - BLOCK) // 2, (H - BLOCK) // 2
+    eval_images, _, quadrants = evidence_batch(64, torch.Generator().manual_seed(1), centre_x, centre_y, jitter=20)
+    targets = (quadrants[:, :2] + quadrants[:, 2:]) / 2
+
+    def part_box() -> torch.Tensor:
+        with torch.no_grad():
+            box = model.eval()(eval_images).boxes["part1"] * torch.tensor([W, H, W, H])
+        model.train()
+        return box
+
+    def holds(box: torch.Tensor) -> float:
+        return ((targets > box[:, :2]) & (targets < box[:, 2:])).all(dim=1).float().mean().item()
+
+    assert holds(part_box()) < 0.7
+    groups = model.lr_groups()
+    optimizer = torch.optim.SGD([{"params": groups["backbone"] + groups["head"], "lr": 1e-3},
+                                 {"params": groups["localization"], "lr": 0.0}], momentum=0.9)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for step in range(80):
+        if step == 20:  # the classifier first learns a little, as `lr_start_epochs` does in the recipes
+            optimizer.param_groups[1]["lr"] = 0.03
+        images, labels, _ = evidence_batch(16, gen, centre_x, centre_y, jitter=20)
+        output, box_estimate = model.forward_with_box_estimate(images, per_image_ce(labels))
+        optimizer.zero_grad()
+        (F.cross_entropy(output.logits, labels) + box_estimate).backward()
+        optimizer.step()
+
+    box = part_box()
+    centres = (box[:, :2] + box[:, 2:]) / 2
+    for axis in (0, 1):
+        assert torch.corrcoef(torch.stack((centres[:, axis], targets[:, axis])))[0, 1] > 0.8
+    assert holds(box) >= 0.9
