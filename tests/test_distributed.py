@@ -23,7 +23,9 @@ METHODS = {
     "baseline": {"model": {"method": "baseline"}},
     "baseline+cbam": {"model": {"method": "baseline", "attention": "cbam"}},
     "stn": {"model": {"method": "stn", "method_args": {"num_parts": 1, "part_size": 32, "loc_size": 32}}},
-}
+    "stn+finite-difference": {"model": {"method": "stn", "method_args": {
+        "num_parts": 1, "part_size": 32, "loc_size": 32, "box_gradient": "finite-difference"}}},
+}  # fmt: skip
 if importlib.util.find_spec("finegrain.tasks.racnn") is not None:
     # 2 images a batch: 4 steps, through APN pre-training, classification and ranking
     METHODS["racnn"] = {
