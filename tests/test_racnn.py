@@ -150,6 +150,8 @@ def test_ranking_loss_hand_computed():
     # image 0: max(0, 0.5 - 0.6 + 0.05) + max(0, 0.6 - 0.4 + 0.05) = 0.25; image 1: 0.15 + 0 -> mean 0.2
     assert ranking_loss(logits, labels, margin=0.05).item() == pytest.approx(0.2, abs=1e-6)
     assert ranking_loss(logits[:2], labels, margin=0.0).item() == pytest.approx(0.05, abs=1e-6)  # (0 + 0.1) / 2
+    per_image = ranking_loss(logits, labels, margin=0.05, reduction="none")
+    torch.testing.assert_close(per_image, torch.tensor([0.25, 0.15]))
 
 
 def test_pretraining_target_is_the_square_holding_the_most_response():
@@ -187,6 +189,37 @@ def test_ranking_loss_reaches_both_apns_and_classification_loss_does_not():
     assert all(p.grad is None for p in model.apns.parameters())
 
 
+def test_finite_difference_apn_gradient_is_each_apn_parameters_ranking_loss_slope():
+    """The estimate's gradient on each APN's last bias = mean over images of (loss(r + h) - loss(r - h)) / 2h,
+    computed here by moving that bias (with zero weights it IS every image's raw output); moving APN 1 also
+    moves scale 3, whose crop lies inside scale 2's."""
+    torch.manual_seed(0)
+    model = tiny(box_gradient="finite-difference", box_step=0.25).eval()
+    for apn, raw in zip(model.apns, ([0.3, -0.2, 0.1], [-0.4, 0.2, -0.3]), strict=True):
+        set_apn_output(apn, raw)
+    images, labels = torch.rand(4, 3, H, W), torch.tensor([0, 1, 2, 3])
+
+    def per_image(logits: list[torch.Tensor]) -> torch.Tensor:
+        return ranking_loss(logits, labels, margin=0.9, reduction="none")
+
+    zoom = model.zoom_in(images, detach_boxes=True)
+    estimate = model.box_estimate(images, zoom.raw, per_image)
+    assert estimate.item() == 0.0
+    estimate.backward()
+    for apn in model.apns:
+        expected = torch.zeros(3)
+        with torch.no_grad():
+            for k in range(3):
+                losses = []
+                for sign in (1, -1):
+                    apn.fc2.bias[k] += sign * 0.25
+                    losses.append(per_image(list(model(images).branch_logits.values())))
+                    apn.fc2.bias[k] -= sign * 0.25
+                expected[k] = ((losses[0] - losses[1]) / 0.5).mean()
+        torch.testing.assert_close(apn.fc2.bias.grad, expected, atol=1e-5, rtol=1e-4)
+        assert expected.abs().sum() > 0
+
+
 def test_classification_phase_loss_of_a_finer_scale_trains_only_that_scale():
     """Without the cut, scale 2's loss reaches scale 1's backbone through the frozen APN's input: in the
     classification phase it reshaped scale 1's features to move the crop (scale 1 then trailed the baseline,
@@ -216,6 +249,10 @@ def test_phase_schedule():
 def test_bad_settings_get_clear_errors():
     with pytest.raises(FinegrainError, match="scales must be 2 or 3"):
         tiny(scales=4)
+    with pytest.raises(FinegrainError, match="RA-CNN box_gradient 'reinforce' is unknown"):
+        tiny(box_gradient="reinforce")
+    with pytest.raises(FinegrainError, match="RA-CNN box_step must be positive"):
+        tiny(box_step=0.0)
     with pytest.raises(FinegrainError, match="pretrain_scale 0.5 of the previous side, outside min_scale 0.6"):
         RACNNTask(num_classes=3, backbone="test_resnet", method_args={"min_scale": 0.6}, pretrain_steps=5)
     with pytest.raises(FinegrainError, match="pretrain_scale 0.9 .* max_scale 0.8"):
@@ -265,12 +302,13 @@ class PhaseRecorder(pl.Callback):
         self.steps[-1]["bn_changed"] = any(not torch.equal(a, b) for a, b in zip(self.stats, stats, strict=True))
 
 
-def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns_learn():
+@pytest.mark.parametrize("box_gradient", ["autograd", "finite-difference"])
+def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns_learn(box_gradient):
     torch.manual_seed(0)
     images = torch.rand(16, 3, H, W, generator=torch.Generator().manual_seed(0))
     data = [{"image": image, "label": torch.tensor(i % 4)} for i, image in enumerate(images)]
     task = RACNNTask(num_classes=4, backbone="test_resnet", lr=0.1, lr_scales={"backbone": 1.0}, margin=0.9,
-                     method_args={"zoom_size": 24, "apn_grid": 2, "apn_hidden": 8},
+                     method_args={"zoom_size": 24, "apn_grid": 2, "apn_hidden": 8, "box_gradient": box_gradient},
                      pretrain_steps=2, classification_steps=2, ranking_steps=2, apn_optimizer="adamw")  # fmt: skip
     recorder = PhaseRecorder()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

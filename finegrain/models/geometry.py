@@ -61,6 +61,17 @@ def check_scales(min_scale: float, max_scale: float = 1.0) -> None:
         )
 
 
+BOX_GRADIENTS = ("autograd", "finite-difference")
+
+
+def check_box_gradient(method: str, box_gradient: str, box_step: float) -> None:
+    """Raise FinegrainError unless `box_gradient` is one of BOX_GRADIENTS and `box_step` is positive."""
+    if box_gradient not in BOX_GRADIENTS:
+        raise FinegrainError(f"{method} box_gradient {box_gradient!r} is unknown; choose one of {BOX_GRADIENTS}")
+    if not box_step > 0:
+        raise FinegrainError(f"{method} box_step must be positive (a raw step, e.g. 0.3), got {box_step}")
+
+
 def bound_transform(raw: Tensor, min_scale: float, max_scale: float = 1.0, isotropic: bool = True,
                     aspect: float = 1.0) -> Tensor:  # fmt: skip
     """Map any network output to a transform whose crop lies inside the image, in float32.

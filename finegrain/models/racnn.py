@@ -9,7 +9,7 @@ phases) lives in `finegrain.tasks.racnn`; see docs/racnn.md for the design choic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from finegrain.models.attention import attention_maps, attention_parameters
 from finegrain.models.backbones import create_backbone
 from finegrain.models.geometry import (
     bound_transform,
+    check_box_gradient,
     check_scales,
     compose_transforms,
     crop,
@@ -34,15 +35,18 @@ TARGET_SUBCELLS = 8  # apn_target searches 8 positions per map cell; its square 
 FUSED_SCALE = 10.0  # length of each scale's normalised descriptor in the fused one (see `fuse`)
 
 
-def ranking_loss(scale_logits: Sequence[Tensor], labels: Tensor, margin: float = 0.05) -> Tensor:
+def ranking_loss(scale_logits: Sequence[Tensor], labels: Tensor, margin: float = 0.05,
+                 reduction: str = "mean") -> Tensor:  # fmt: skip
     """The inter-scale pairwise ranking loss: mean over images of sum_s max(0, p_t(s) - p_t(s+1) + margin).
 
     p_t(s) is the SOFTMAX probability of the true class at scale s (in float32), so the margin is a
-    probability: a finer scale must be at least `margin` surer than the scale before it.
+    probability: a finer scale must be at least `margin` surer than the scale before it. `reduction="none"`
+    gives each image's sum.
     """
     true_probs = [F.softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1) for logits in scale_logits]
     pairs = [(coarse - fine + margin).clamp(min=0) for coarse, fine in zip(true_probs, true_probs[1:], strict=False)]
-    return torch.stack(pairs).sum(0).mean()
+    per_image = torch.stack(pairs).sum(0)
+    return per_image if reduction == "none" else per_image.mean()
 
 
 def apn_target(feature_map: Tensor, aspect: float = 1.0, scale: float = PRETRAIN_SCALE) -> Tensor:
@@ -107,13 +111,15 @@ class ZoomPass:
     """One forward pass with what training needs besides the `ModelOutput`.
 
     feature_maps: each scale's last conv map; aspects: each scale's input width / height; relative: each APN's
-    bounded box as a transform in the frame of the scale it looked at (absolute boxes are in `output.boxes`).
+    bounded box as a transform in the frame of the scale it looked at (absolute boxes are in `output.boxes`);
+    raw: each APN's unbounded output (B, 3).
     """
 
     output: ModelOutput
     feature_maps: list[Tensor]
     aspects: list[float]
     relative: list[Tensor]
+    raw: list[Tensor]
 
 
 class RACNN(nn.Module):
@@ -138,6 +144,11 @@ class RACNN(nn.Module):
             budget: 224 px of a 448 px input) a zoom to half the side sees twice scale 1's resolution, as the
             paper's 224 px zooms of its 448 px input see the region at full resolution.
 
+        box_gradient: how the ranking loss trains the APNs. "autograd" (the paper's): back-propagation through the
+            crop. "finite-difference": from each image's ranking loss with that APN's raw output ± `box_step`
+            (`box_estimate`), as for ST-CNN (docs/benchmarks.md, "Which way is the bird?").
+        box_step: raw APN step of the finite differences.
+
     Output: `logits` from the fused descriptors (each scale's pooled descriptor L2-normalised, concatenated:
     the paper's "scale 1+2+3"); `branch_logits` {"scale1", "scale2", "scale3"} from each scale's classifier;
     `boxes` {"scale2", "scale3"} in normalised xyxy of the ORIGINAL input; `attention_maps` keyed
@@ -148,10 +159,13 @@ class RACNN(nn.Module):
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: list[int] | None = None,
                  scales: int = 3, zoom_size: int = 224, shared_backbone: bool = False, min_scale: float = 0.2,
                  max_scale: float = 0.8, apn_grid: int = 7, apn_hidden: int = 512,
-                 scale1_size: int | None = None):  # fmt: skip
+                 scale1_size: int | None = None, box_gradient: str = "autograd",
+                 box_step: float = 0.3):  # fmt: skip
         super().__init__()
         if scales not in (2, 3):
             raise FinegrainError(f"RA-CNN scales must be 2 or 3, got {scales!r}")
+        check_box_gradient("RA-CNN", box_gradient, box_step)
+        self.box_gradient, self.box_step = box_gradient, box_step
         sizes = {"zoom_size": zoom_size, "apn_grid": apn_grid, "apn_hidden": apn_hidden}
         if scale1_size is not None:
             sizes["scale1_size"] = scale1_size
@@ -199,16 +213,18 @@ class RACNN(nn.Module):
             "head": [*self.heads.parameters(), *self.fused_head.parameters()],
         }
 
-    def zoom_in(self, images: Tensor, detach_boxes: bool = False) -> ZoomPass:
+    def zoom_in(self, images: Tensor, detach_boxes: bool = False,
+                raw_offsets: Sequence[Tensor | None] | None = None) -> ZoomPass:  # fmt: skip
         """Run every scale; the crop of scale s + 1 is composed into original-image coordinates and sampled from
         `images` itself, never from the previous (already resampled) crop.
 
         `detach_boxes` cuts the path from the crops back through the APNs into the coarser scales: in the
         classification phase a finer scale's loss must train that scale on the crop it was given, not move the
         crop by reshaping the coarser scale's features (the APN is frozen, but its input is not).
+        `raw_offsets` (per APN, (B, 3) or None) are added to the APNs' raw outputs: `box_estimate`'s probes.
         """
         inputs, absolute = square_copy(images, self.scale1_size), None
-        maps, aspects, relative, descriptors, logits = [], [], [], [], []
+        maps, aspects, relative, raws, descriptors, logits = [], [], [], [], [], []
         boxes, attention = {}, {}
         for scale in range(self.num_scales):
             net = self.backbone_at(scale)
@@ -228,8 +244,11 @@ class RACNN(nn.Module):
             descriptors.append(descriptor)
             logits.append(self.heads[scale](self.dropout(descriptor)))
             if scale + 1 < self.num_scales:
-                box = bound_transform(self.apns[scale](feature_map), self.min_scale, self.max_scale,
-                                      aspect=aspects[-1])  # fmt: skip
+                raw = self.apns[scale](feature_map)
+                raws.append(raw)
+                if raw_offsets is not None and raw_offsets[scale] is not None:
+                    raw = raw + raw_offsets[scale]
+                box = bound_transform(raw, self.min_scale, self.max_scale, aspect=aspects[-1])
                 relative.append(box)
                 absolute = box if absolute is None else compose_transforms(absolute, box)
                 boxes[self.branch_names[scale + 1]] = transform_to_box(absolute)
@@ -241,10 +260,34 @@ class RACNN(nn.Module):
             boxes=boxes,
             attention_maps=attention,
         )
-        return ZoomPass(output=output, feature_maps=maps, aspects=aspects, relative=relative)
+        return ZoomPass(output=output, feature_maps=maps, aspects=aspects, relative=relative, raw=raws)
 
     def forward(self, images: Tensor) -> ModelOutput:
         return self.zoom_in(images).output
+
+    def box_estimate(self, images: Tensor, raw: Sequence[Tensor],
+                     per_image_loss: Callable[[list[Tensor]], Tensor]) -> Tensor:  # fmt: skip
+        """For `box_gradient="finite-difference"`: a term whose gradient gives each APN, per image, the central
+        difference of `per_image_loss(scale logits) -> (B,)` over its raw output ± box_step, one parameter at a
+        time, with every later scale (and its APN) recomputed on the moved crop. `raw` are the APN outputs of
+        a `zoom_in(images, detach_boxes=True)` pass, so that the term trains each APN only through its own
+        output. Zero in value. Costs 2 x 3 passes through the finer scales per APN, without backward; call it
+        with the classification networks in eval mode (the ranking phase does), or the probes update their
+        batch-norm statistics.
+        """
+        slopes = [torch.zeros_like(r) for r in raw]
+        with torch.no_grad():
+            for index, apn_raw in enumerate(raw):
+                for param in range(apn_raw.shape[-1]):
+                    losses = []
+                    for sign in (1.0, -1.0):
+                        offsets: list[Tensor | None] = [None] * len(raw)
+                        offsets[index] = torch.zeros_like(apn_raw)
+                        offsets[index][:, param] = sign * self.box_step
+                        zoom = self.zoom_in(images, detach_boxes=True, raw_offsets=offsets)
+                        losses.append(per_image_loss(list(zoom.output.branch_logits.values())))
+                    slopes[index][:, param] = (losses[0] - losses[1]) / (2 * self.box_step)
+        return sum((g * (r - r.detach())).sum() for g, r in zip(slopes, raw, strict=True)) / len(images)
 
 
 def fuse(descriptors: Sequence[Tensor]) -> Tensor:

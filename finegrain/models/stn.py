@@ -17,6 +17,7 @@ from finegrain.models.backbones import create_backbone
 from finegrain.models.geometry import (
     bound_affine,
     bound_transform,
+    check_box_gradient,
     check_scales,
     crop,
     square_copy,
@@ -27,7 +28,6 @@ from finegrain.models.result import ModelOutput
 
 # raw localisation outputs per part: attention = (x, y, scale), affine = (x, y, x scale, y scale, 2 shears)
 TRANSFORM_PARAMS = {"attention": 3, "affine": 6}
-BOX_GRADIENTS = ("autograd", "finite-difference")
 
 
 def start_bias(num_parts: int, num_params: int) -> Tensor:
@@ -116,10 +116,7 @@ class STCNN(nn.Module):
         super().__init__()
         if transform not in TRANSFORM_PARAMS:
             raise FinegrainError(f"ST-CNN transform {transform!r} is unknown; choose one of {list(TRANSFORM_PARAMS)}")
-        if box_gradient not in BOX_GRADIENTS:
-            raise FinegrainError(f"ST-CNN box_gradient {box_gradient!r} is unknown; choose one of {BOX_GRADIENTS}")
-        if not box_step > 0:
-            raise FinegrainError(f"ST-CNN box_step must be positive (a raw step, e.g. 0.3), got {box_step}")
+        check_box_gradient("ST-CNN", box_gradient, box_step)
         self.box_gradient, self.box_step = box_gradient, box_step
         for name, value in (("num_parts", num_parts), ("part_size", part_size), ("loc_size", loc_size)):
             if not isinstance(value, int) or value < 1:

@@ -137,14 +137,21 @@ class RACNNTask(ClassificationTask):
         self.toggle_optimizer(optimizer)  # requires_grad only for the parameters this phase trains
         self.set_phase_modes(phase)
 
-        zoom = self.network.zoom_in(batch["image"], detach_boxes=phase == "classification")
+        estimated = phase == "ranking" and self.network.box_gradient == "finite-difference"
+        zoom = self.network.zoom_in(batch["image"], detach_boxes=phase == "classification" or estimated)
         labels = batch["label"]
         losses = {
             "classification": self.loss(zoom.output, labels),
             "ranking": ranking_loss(list(zoom.output.branch_logits.values()), labels, self.hparams.margin),
             "pretrain": pretrain_loss(zoom, self.hparams.pretrain_scale),
         }
-        self.manual_backward(losses[phase])
+        if estimated:
+            def per_image_ranking(logits: list[torch.Tensor]) -> torch.Tensor:
+                return ranking_loss(logits, labels, self.hparams.margin, reduction="none")
+
+            self.manual_backward(self.network.box_estimate(batch["image"], zoom.raw, per_image_ranking))
+        else:
+            self.manual_backward(losses[phase])
         optimizer.step()
         self.untoggle_optimizer(optimizer)
         with warnings.catch_warnings():  # the idle optimiser may not have stepped yet; its schedule still follows
