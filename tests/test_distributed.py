@@ -4,6 +4,7 @@ multi-device test metrics that count every test image exactly once."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import os
@@ -36,6 +37,8 @@ if importlib.util.find_spec("finegrain.tasks.racnn") is not None:
         "trainer": {"strategy": "ddp_find_unused_parameters_true"},
         "data": {"img_size": 64, "batch_size": 2},
     }  # fmt: skip
+    METHODS["racnn+finite-difference"] = copy.deepcopy(METHODS["racnn"])
+    METHODS["racnn+finite-difference"]["model"]["init_args"]["method_args"]["box_gradient"] = "finite-difference"
 
 
 def tiny_config(root: Path, **sections) -> dict:

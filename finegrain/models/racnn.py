@@ -271,7 +271,7 @@ class RACNN(nn.Module):
         difference of `per_image_loss(scale logits) -> (B,)` over its raw output ± box_step, one parameter at a
         time, with every later scale (and its APN) recomputed on the moved crop. `raw` are the APN outputs of
         a `zoom_in(images, detach_boxes=True)` pass, so that the term trains each APN only through its own
-        output. Zero in value. Costs 2 x 3 passes through the finer scales per APN, without backward; call it
+        output. Zero in value. Costs 2 x 3 forward passes of every scale per APN, without backward; call it
         with the classification networks in eval mode (the ranking phase does), or the probes update their
         batch-norm statistics.
         """
