@@ -220,6 +220,18 @@ def test_finite_difference_apn_gradient_is_each_apn_parameters_ranking_loss_slop
         assert expected.abs().sum() > 0
 
 
+def test_finite_difference_estimate_under_bf16_autocast_is_float32():
+    torch.manual_seed(0)
+    model = tiny(box_gradient="finite-difference").eval()
+    images, labels = torch.rand(2, 3, H, W), torch.tensor([0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zoom = model.zoom_in(images, detach_boxes=True)
+        estimate = model.box_estimate(images, zoom.raw, lambda logits: ranking_loss(logits, labels, 0.9, "none"))
+    assert estimate.dtype == torch.float32 and estimate.item() == 0.0
+    estimate.backward()
+    assert all(torch.isfinite(apn.fc2.bias.grad).all() for apn in model.apns)
+
+
 def test_classification_phase_loss_of_a_finer_scale_trains_only_that_scale():
     """Without the cut, scale 2's loss reaches scale 1's backbone through the frozen APN's input: in the
     classification phase it reshaped scale 1's features to move the crop (scale 1 then trailed the baseline,

@@ -120,6 +120,12 @@ def test_runs_under_bf16_autocast():
         out = tiny()(torch.rand(2, 3, H, W))
     assert torch.isfinite(out.logits.float()).all()
     assert all(box.dtype == torch.float32 for box in out.boxes.values())  # geometry stays in float32
+    model, labels = tiny(box_gradient="finite-difference"), torch.tensor([0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, estimate = model.forward_with_box_estimate(torch.rand(2, 3, H, W), per_image_ce(labels))
+    assert estimate.dtype == torch.float32 and estimate.item() == 0.0
+    estimate.backward()
+    assert torch.isfinite(model.loc_head.fc2.weight.grad).all() and model.loc_head.fc2.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

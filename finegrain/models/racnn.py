@@ -275,6 +275,7 @@ class RACNN(nn.Module):
         with the classification networks in eval mode (the ranking phase does), or the probes update their
         batch-norm statistics.
         """
+        raw = [r.float() for r in raw]  # float32 offsets: a bf16 raw + step is off by up to 1 %
         slopes = [torch.zeros_like(r) for r in raw]
         with torch.no_grad():
             for index, apn_raw in enumerate(raw):

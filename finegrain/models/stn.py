@@ -212,9 +212,9 @@ class STCNN(nn.Module):
         zero in value, its gradient reaches the localisation as d, and adding it to the loss is all the
         caller does. Costs 2 x num_params extra part forward passes per part (6 for attention).
         """
-        raw = self.localize_raw(images)
+        raw = self.localize_raw(images).float()  # probes in float32: a bf16 raw + step is off by up to 1 %
         output, features = self._forward_at(images, raw.detach())
-        steps = self.box_step * torch.eye(raw.shape[-1], device=raw.device, dtype=raw.dtype)
+        steps = self.box_step * torch.eye(raw.shape[-1], device=raw.device)
         offsets = torch.cat((steps, -steps))  # (2P, P): +step on each parameter, then -step
         slopes = torch.zeros_like(raw)
         first_part = len(self.branch_names) - self.num_parts
