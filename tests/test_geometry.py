@@ -12,6 +12,7 @@ from finegrain.models.geometry import (
     bound_transform,
     box_to_transform,
     crop,
+    finite_difference_term,
     sampling_grid,
     theta_to_box,
     transform_to_box,
@@ -169,3 +170,20 @@ def test_box_gradient_is_the_derivative_of_the_crop():
         for e in torch.eye(3)[:, None]
     ])  # fmt: skip
     torch.testing.assert_close(raw.grad[0], finite, rtol=0.02, atol=1e-3)
+
+
+def test_finite_difference_term_is_zero_with_the_central_differences_as_gradient():
+    """loss(m) = sum(m^3) per image: the central difference of m^3 at step h is 3 r^2 + h^2, exactly."""
+    raw = torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.5, -0.25]], requires_grad=True)
+    calls = []
+
+    def loss_at(moved: torch.Tensor) -> torch.Tensor:
+        calls.append(moved.requires_grad)
+        return moved.pow(3).sum(1)
+
+    term = finite_difference_term(raw * 1, 0.5, loss_at)
+    assert term.item() == 0.0 and calls == [False] * 6  # 2 probes per parameter, none tracked by autograd
+    term.backward()
+    torch.testing.assert_close(raw.grad, (3 * raw.detach() ** 2 + 0.25) / 2)  # divided by the batch of 2
+    half = finite_difference_term(raw.detach().bfloat16().requires_grad_(), 0.5, lambda m: m.pow(3).sum(1))
+    assert half.dtype == torch.float32  # probes in float32 whatever the raw's dtype

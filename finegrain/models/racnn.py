@@ -25,6 +25,7 @@ from finegrain.models.geometry import (
     check_scales,
     compose_transforms,
     crop,
+    finite_difference_term,
     square_copy,
     transform_to_box,
 )
@@ -267,28 +268,23 @@ class RACNN(nn.Module):
 
     def box_estimate(self, images: Tensor, raw: Sequence[Tensor],
                      per_image_loss: Callable[[list[Tensor]], Tensor]) -> Tensor:  # fmt: skip
-        """For `box_gradient="finite-difference"`: a term whose gradient gives each APN, per image, the central
-        difference of `per_image_loss(scale logits) -> (B,)` over its raw output ± box_step, one parameter at a
-        time, with every later scale (and its APN) recomputed on the moved crop. `raw` are the APN outputs of
-        a `zoom_in(images, detach_boxes=True)` pass, so that the term trains each APN only through its own
-        output. Zero in value. Costs 2 x 3 forward passes of every scale per APN, without backward; call it
-        with the classification networks in eval mode (the ranking phase does), or the probes update their
-        batch-norm statistics.
+        """For `box_gradient="finite-difference"`: each APN's `finite_difference_term` of
+        `per_image_loss(scale logits) -> (B,)`, with every later scale (and its APN) recomputed on the moved crop.
+        `raw` are the APN outputs of a `zoom_in(images, detach_boxes=True)` pass, so that each term trains its
+        APN only through its own output. Zero in value. Costs 2 x 3 forward passes of every scale per APN,
+        without backward; call it with the classification networks in eval mode (the ranking phase does), or
+        the probes update their batch-norm statistics.
         """
-        raw = [r.float() for r in raw]  # float32 offsets: a bf16 raw + step is off by up to 1 %
-        slopes = [torch.zeros_like(r) for r in raw]
-        with torch.no_grad():
-            for index, apn_raw in enumerate(raw):
-                for param in range(apn_raw.shape[-1]):
-                    losses = []
-                    for sign in (1.0, -1.0):
-                        offsets: list[Tensor | None] = [None] * len(raw)
-                        offsets[index] = torch.zeros_like(apn_raw)
-                        offsets[index][:, param] = sign * self.box_step
-                        zoom = self.zoom_in(images, detach_boxes=True, raw_offsets=offsets)
-                        losses.append(per_image_loss(list(zoom.output.branch_logits.values())))
-                    slopes[index][:, param] = (losses[0] - losses[1]) / (2 * self.box_step)
-        return sum((g * (r - r.detach())).sum() for g, r in zip(slopes, raw, strict=True)) / len(images)
+        terms = []
+        for index, apn_raw in enumerate(raw):
+            def loss_with_apn_at(moved: Tensor, index: int = index, apn_raw: Tensor = apn_raw) -> Tensor:
+                offsets: list[Tensor | None] = [None] * len(raw)
+                offsets[index] = moved - apn_raw.detach().float()
+                zoom = self.zoom_in(images, detach_boxes=True, raw_offsets=offsets)
+                return per_image_loss(list(zoom.output.branch_logits.values()))
+
+            terms.append(finite_difference_term(apn_raw, self.box_step, loss_with_apn_at))
+        return torch.stack(terms).sum()
 
 
 def fuse(descriptors: Sequence[Tensor]) -> Tensor:

@@ -20,6 +20,7 @@ from finegrain.models.geometry import (
     check_box_gradient,
     check_scales,
     crop,
+    finite_difference_term,
     square_copy,
     theta_to_box,
     transform_to_theta,
@@ -205,36 +206,29 @@ class STCNN(nn.Module):
         """Training forward for `box_gradient="finite-difference"`: the output, with the crops cut off from the
         localisation, and a term whose gradient gives the localisation each image's central differences.
 
-        For every part and raw parameter r, the fused logits are recomputed (no gradient, part networks in eval
-        mode so the probes neither use nor update batch statistics, no dropout) with that part sampled at
-        r ± box_step, the other branches' features kept; d = (loss(r + step) - loss(r - step)) / (2 step) per
-        image, from `per_image_loss(logits) -> (B,)`. The returned term is sum(d * (raw - raw.detach())) / B:
-        zero in value, its gradient reaches the localisation as d, and adding it to the loss is all the
-        caller does. Costs 2 x num_params extra part forward passes per part (6 for attention).
+        Each part's term is `finite_difference_term` of the fused loss (`per_image_loss(logits) -> (B,)`) with
+        that part sampled at its moved raw parameters, the other branches' features kept, without dropout and
+        with the part networks in eval mode (the probes neither use nor update batch statistics). Adding the
+        returned term (zero in value) to the loss is all the caller does. Costs 2 x num_params extra part
+        forward passes per part (6 for attention).
         """
-        raw = self.localize_raw(images).float()  # probes in float32: a bf16 raw + step is off by up to 1 %
+        raw = self.localize_raw(images)
         output, features = self._forward_at(images, raw.detach())
-        steps = self.box_step * torch.eye(raw.shape[-1], device=raw.device)
-        offsets = torch.cat((steps, -steps))  # (2P, P): +step on each parameter, then -step
-        slopes = torch.zeros_like(raw)
-        first_part = len(self.branch_names) - self.num_parts
         kept = [f.detach() for f in features]
+        first_part = len(self.branch_names) - self.num_parts
         modes = [net.training for net in self.part_nets]
         self.part_nets.eval()
         try:
-            with torch.no_grad():
-                for i in range(self.num_parts):
-                    probes = (raw[:, i].detach()[None] + offsets[:, None]).flatten(0, 1)  # (2P * B, P)
-                    repeated = images.repeat(len(offsets), 1, 1, 1)
-                    theta = self.raw_to_theta(probes[:, None], repeated)[:, 0]
-                    moved = self._part_features(i, repeated, theta)
-                    branches = [f.repeat(len(offsets), 1) for f in kept]
-                    branches[first_part + i] = moved
-                    logits = self.head(torch.cat(branches, dim=1)).chunk(len(offsets))
-                    losses = torch.stack([per_image_loss(x) for x in logits])  # (2P, B)
-                    half = len(offsets) // 2
-                    slopes[:, i] = ((losses[:half] - losses[half:]) / (2 * self.box_step)).T
+            terms = []
+            for i in range(self.num_parts):
+                def loss_with_part_at(moved: Tensor, i: int = i) -> Tensor:
+                    theta = self.raw_to_theta(moved[:, None], images)[:, 0]
+                    branches = [*kept]
+                    branches[first_part + i] = self._part_features(i, images, theta)
+                    return per_image_loss(self.head(torch.cat(branches, dim=1)))
+
+                terms.append(finite_difference_term(raw[:, i], self.box_step, loss_with_part_at))
         finally:
             for net, mode in zip(self.part_nets, modes, strict=True):
                 net.train(mode)
-        return output, (slopes * (raw - raw.detach())).sum() / len(images)
+        return output, torch.stack(terms).sum()
