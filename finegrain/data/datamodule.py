@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +25,44 @@ from finegrain.models.backbones import preprocessing_config
 log = logging.getLogger(__name__)
 
 
+def crop_region(image: np.ndarray, record: CUBRecord, x0: int, y0: int, x1: int,
+                y1: int) -> tuple[np.ndarray, tuple, np.ndarray]:  # fmt: skip
+    """Pixels [x0, x1) x [y0, y1) of the image, with the bird box and the parts moved into that frame (what
+    falls outside is clipped, or marked invisible, by `apply_transform`)."""
+    x, y, w, h = record.box
+    parts = record.parts.copy()
+    parts[:, 0] -= x0
+    parts[:, 1] -= y0
+    return image[y0:y1, x0:x1], (x - x0, y - y0, w, h), parts
+
+
 def crop_to_box(image: np.ndarray, record: CUBRecord) -> tuple[np.ndarray, tuple, np.ndarray]:
-    """The "with boxes" setting: the ground-truth box crop, with parts moved into its frame."""
+    """The "with boxes" setting: the ground-truth box crop."""
     height, width = image.shape[:2]
     x, y, w, h = record.box
     x0, y0 = int(max(0, np.floor(x))), int(max(0, np.floor(y)))
     x1, y1 = int(min(width, np.ceil(x + w))), int(min(height, np.ceil(y + h)))
-    parts = record.parts.copy()
-    parts[:, 0] -= x0
-    parts[:, 1] -= y0
-    return image[y0:y1, x0:x1], (0.0, 0.0, float(x1 - x0), float(y1 - y0)), parts
+    return crop_region(image, record, x0, y0, x1, y1)
+
+
+def square_on_bird(image: np.ndarray, record: CUBRecord, side: float) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """What a perfect zoom of this `side` (fraction of the shorter image side) sees: the pixel square centred on
+    the ground-truth box centre, shifted inside the image where the box lies near an edge."""
+    height, width = image.shape[:2]
+    size = max(1, round(side * min(height, width)))
+    x, y, w, h = record.box
+    x0 = int(round(np.clip(x + w / 2 - size / 2, 0, width - size)))
+    y0 = int(round(np.clip(y + h / 2 - size / 2, 0, height - size)))
+    return crop_region(image, record, x0, y0, x0 + size, y0 + size)
 
 
 class CUBDataset(Dataset):
     """Records -> dicts of image tensor, label, normalised box (x1, y1, x2, y2), parts and their visibility."""
 
-    def __init__(self, records: list[CUBRecord], transform, use_boxes: bool = False):
+    def __init__(self, records: list[CUBRecord], transform, region: Callable | None = None):
         self.records = records
         self.transform = transform
-        self.use_boxes = use_boxes
+        self.region = region  # (image, record) -> (image, box, parts), e.g. crop_to_box; None: whole image
 
     def __len__(self) -> int:
         return len(self.records)
@@ -56,8 +77,8 @@ class CUBDataset(Dataset):
         record = self.records[index]
         image = load_rgb(record.path)
         box, parts = record.box, record.parts
-        if self.use_boxes:
-            image, box, parts = crop_to_box(image, record)
+        if self.region is not None:
+            image, box, parts = self.region(image, record)
         sample = apply_transform(self.transform, image, box, parts)
         sample["label"] = torch.tensor(record.label)
         sample["index"] = torch.tensor(index)
@@ -73,6 +94,8 @@ class CUBDataModule(pl.LightningDataModule):
         val_fraction: share of each class's official train images held out for validation (seeded, stratified).
         split_seed: seed of that split.
         use_boxes: train and evaluate on the ground-truth box crop (the literature's "with boxes" setting).
+        bird_square: train and evaluate on the square of this side (fraction of the shorter image side) centred
+            on the ground-truth box: what a perfect RA-CNN zoom of that side sees, an upper bound for its scale.
         backbone: timm model name whose preprocessing (mean, std, size, crop_pct, interpolation) is used.
         img_size: input size; None keeps the backbone's default.
         crop_pct: eval resize = img_size / crop_pct before the centre crop; None keeps the backbone's default.
@@ -89,6 +112,7 @@ class CUBDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         use_boxes: bool = False,
+        bird_square: float | None = None,
         backbone: str = "resnet50",
         img_size: int | None = None,
         crop_pct: float | None = None,
@@ -106,7 +130,15 @@ class CUBDataModule(pl.LightningDataModule):
         self.classes = classes
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        self.use_boxes = use_boxes
+        if bird_square is not None and (use_boxes or not 0 < bird_square <= 1):
+            raise FinegrainError(f"data.bird_square must lie in (0, 1] (a side as a fraction of the shorter image "
+                                 f"side) and goes without data.use_boxes; got {bird_square!r}, "
+                                 f"use_boxes={use_boxes}")  # fmt: skip
+        self.region: Callable | None = None  # whole images
+        if use_boxes:
+            self.region = crop_to_box
+        elif bird_square is not None:
+            self.region = functools.partial(square_on_bird, side=bird_square)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -143,9 +175,9 @@ class CUBDataModule(pl.LightningDataModule):
         train_tf = build_transform(self.preprocessing, train=True, augment=self.augment)
         eval_tf = build_transform(self.preprocessing, train=False)
         self.datasets = {
-            "train": CUBDataset(train, train_tf, self.use_boxes),
-            "val": CUBDataset(val, eval_tf, self.use_boxes),
-            "test": CUBDataset(test, eval_tf, self.use_boxes),
+            "train": CUBDataset(train, train_tf, self.region),
+            "val": CUBDataset(val, eval_tf, self.region),
+            "test": CUBDataset(test, eval_tf, self.region),
         }
         log.info("CUB data: %d train / %d val / %d test images, %d classes",
                  len(train), len(val), len(test), self.num_classes)  # fmt: skip
