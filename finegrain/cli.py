@@ -52,6 +52,11 @@ def run_training(args: list[str]) -> None:
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
+            if str(config.model.get("class_path", "")).endswith("RACNNTask") and config.trainer.strategy == "ddp":
+                # each phase leaves the idle optimiser's parameters without gradients, which plain DDP waits for
+                config.trainer.strategy = "ddp_find_unused_parameters_true"
+                print("finegrain: RA-CNN trains in alternating phases: strategy ddp -> "
+                      "ddp_find_unused_parameters_true", file=sys.stderr)  # fmt: skip
             loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
             resuming = self.subcommand != "fit" or config.ckpt_path is not None
             for logger in loggers:

@@ -28,13 +28,13 @@ METHODS = {
         "num_parts": 1, "part_size": 32, "loc_size": 32, "box_gradient": "finite-difference"}}},
 }  # fmt: skip
 if importlib.util.find_spec("finegrain.tasks.racnn") is not None:
-    # 2 images a batch: 4 steps, through APN pre-training, classification and ranking
+    # 2 images a batch: 4 steps, through APN pre-training, classification and ranking. Plain `ddp`, as a user
+    # would ask: the CLI switches RA-CNN to find unused parameters (a phase leaves the other's idle).
     METHODS["racnn"] = {
         "model": {"class_path": "finegrain.tasks.racnn.RACNNTask", "init_args": {
             "backbone": "test_resnet", "lr": 0.05,
             "method_args": {"scales": 2, "zoom_size": 64, "apn_grid": 2, "apn_hidden": 8},
             "pretrain_steps": 1, "classification_steps": 1, "ranking_steps": 1}},
-        "trainer": {"strategy": "ddp_find_unused_parameters_true"},
         "data": {"img_size": 64, "batch_size": 2},
     }  # fmt: skip
     METHODS["racnn+finite-difference"] = copy.deepcopy(METHODS["racnn"])
@@ -104,10 +104,11 @@ def test_ddp_two_processes_sync_gradients_and_write_one_set_of_checkpoints(metho
     config = tiny_config(synth_root, trainer={"callbacks": dump_callback(tmp_path)})
     for section, values in METHODS[method].items():
         config[section] = values if "class_path" in values else {**config[section], **values}
-    strategy = config["trainer"].pop("strategy", "ddp")
     result = run_finegrain(tmp_path, "fit", "--config", str(write_config(tmp_path, config)),
-                           "--trainer.devices", "2", "--trainer.strategy", strategy)  # fmt: skip
+                           "--trainer.devices", "2", "--trainer.strategy", "ddp")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    if method.startswith("racnn"):  # asked for plain ddp: switched, and told
+        assert "strategy ddp -> ddp_find_unused_parameters_true" in result.stderr
     ranks = [torch.load(tmp_path / f"fit-rank{r}.pt", weights_only=True) for r in (0, 1)]
     # 16 training images, 8 a rank: each rank trained on other images ...
     assert len(ranks[0]["indices"]) == len(ranks[1]["indices"]) == 8
