@@ -99,11 +99,6 @@ class STCNN(nn.Module):
             toward the bird no more often than a coin flip (docs/benchmarks.md, "Which way is the bird?").
         box_step: raw localisation step of the finite differences (a shift of about 6 % of the image side for a
             part of side 0.55).
-        zoom_in_epochs: 0 (default): parts are bounded to [min_scale, max_scale] from the start, as in the paper.
-            Above 0: both bounds start at 1 (every part is the whole image, so the part networks learn the birds
-            first) and shrink linearly to [min_scale, max_scale] over this many epochs (`set_training_progress`),
-            so the parts close in on what the class loss needs. Where the bird is small, parts that start off
-            it never see it and never learn to find it (docs/benchmarks.md, "ST-CNN on a GPU").
 
     Output: fused `logits`; `branch_logits` {"global" (if on), "part1", ..., "partN"} from linear probes on each
     branch's DETACHED features; `boxes` {"part1", ...} as normalised xyxy (the box around the parallelogram for
@@ -118,7 +113,7 @@ class STCNN(nn.Module):
                  min_scale: float = 0.2, max_scale: float = 1.0, loc_backbone: str | None = None, loc_size: int = 224,
                  shared_parts: bool = False, global_branch: bool = False, attention: str = "none",
                  attention_stages: list[int] | None = None, box_gradient: str = "autograd",
-                 box_step: float = 0.3, zoom_in_epochs: float = 0.0):  # fmt: skip
+                 box_step: float = 0.3):  # fmt: skip
         super().__init__()
         if transform not in TRANSFORM_PARAMS:
             raise FinegrainError(f"ST-CNN transform {transform!r} is unknown; choose one of {list(TRANSFORM_PARAMS)}")
@@ -130,12 +125,6 @@ class STCNN(nn.Module):
         check_scales(min_scale, max_scale)
         self.transform, self.min_scale, self.max_scale, self.num_parts = transform, min_scale, max_scale, num_parts
         self.part_size, self.loc_size = part_size, loc_size
-        if not zoom_in_epochs >= 0:
-            raise FinegrainError(f"ST-CNN zoom_in_epochs must be >= 0 (0: no zoom-in), got {zoom_in_epochs!r}")
-        self.zoom_in_epochs = zoom_in_epochs
-        # How far the bounds have shrunk (0: whole image, 1: [min_scale, max_scale]); a buffer, so a checkpoint
-        # saved halfway through the zoom-in is evaluated with the bounds it was trained at.
-        self.register_buffer("zoom", torch.tensor(0.0 if zoom_in_epochs else 1.0))
 
         self.loc_net = create_backbone(loc_backbone or backbone, weights=weights, num_classes=0)
         self.loc_head = LocalizationHead(self.loc_net.num_features, num_parts, TRANSFORM_PARAMS[transform])
@@ -175,23 +164,12 @@ class STCNN(nn.Module):
         """Unbounded localisation outputs (B, num_parts, num_params) from a loc_size copy of `images`."""
         return self.loc_head(self.loc_net.forward_features(square_copy(images, self.loc_size)))
 
-    def set_training_progress(self, epochs: float) -> None:
-        """Called by the task before every training step with the epochs done so far (fractional)."""
-        if self.zoom_in_epochs:
-            self.zoom.fill_(min(1.0, epochs / self.zoom_in_epochs))
-
-    def scale_bounds(self) -> tuple[float, float]:
-        """The current (min, max) part side: the configured bounds once the zoom-in is over."""
-        zoom = float(self.zoom)
-        return 1 - zoom * (1 - self.min_scale), 1 - zoom * (1 - self.max_scale)
-
     def raw_to_theta(self, raw: Tensor, images: Tensor) -> Tensor:
         """Raw outputs -> per-part theta (B, num_parts, 2, 3), inside the image."""
-        low, high = self.scale_bounds()
         if self.transform == "affine":
-            return bound_affine(raw, low, high)
+            return bound_affine(raw, self.min_scale, self.max_scale)
         aspect = images.shape[-1] / images.shape[-2]  # parts are pixel squares of the original image
-        return transform_to_theta(bound_transform(raw, low, high, aspect=aspect))
+        return transform_to_theta(bound_transform(raw, self.min_scale, self.max_scale, aspect=aspect))
 
     def forward(self, images: Tensor) -> ModelOutput:
         return self._forward_at(images, self.localize_raw(images))[0]

@@ -180,8 +180,6 @@ class ClassificationTask(pl.LightningModule):
         self._log_localization("test")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if hasattr(self.network, "set_training_progress"):  # schedules inside the network (ST-CNN's zoom-in)
-            self.network.set_training_progress(self.current_epoch + batch_idx / self.trainer.num_training_batches)
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
