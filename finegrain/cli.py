@@ -26,6 +26,7 @@ def run_training(args: list[str]) -> None:
     from pytorch_lightning.cli import LightningCLI
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from finegrain.bench.recipes import task_class
     from finegrain.data.datamodule import CUBDataModule
     from finegrain.tasks.classification import ClassificationTask
     from finegrain.training import AtomicCheckpointIO, SaveFullConfig, choose_loggers, configure_wandb, run_callbacks
@@ -52,11 +53,11 @@ def run_training(args: list[str]) -> None:
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
-            if str(config.model.get("class_path", "")).endswith("RACNNTask") and config.trainer.strategy == "ddp":
-                # each phase leaves the idle optimiser's parameters without gradients, which plain DDP waits for
+            task = task_class(config.model.class_path)
+            if task.leaves_parameters_unused and config.trainer.strategy == "ddp":
                 config.trainer.strategy = "ddp_find_unused_parameters_true"
-                print("finegrain: RA-CNN trains in alternating phases: strategy ddp -> "
-                      "ddp_find_unused_parameters_true", file=sys.stderr)  # fmt: skip
+                print(f"finegrain: {task.__name__} leaves some parameters without gradients in a step: strategy "
+                      "ddp -> ddp_find_unused_parameters_true", file=sys.stderr)  # fmt: skip
             loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
             resuming = self.subcommand != "fit" or config.ckpt_path is not None
             for logger in loggers:

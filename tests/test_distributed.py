@@ -29,7 +29,7 @@ METHODS = {
 }  # fmt: skip
 if importlib.util.find_spec("finegrain.tasks.racnn") is not None:
     # 2 images a batch: 4 steps, through APN pre-training, classification and ranking. Plain `ddp`, as a user
-    # would ask: the CLI switches RA-CNN to find unused parameters (a phase leaves the other's idle).
+    # would ask: the CLI switches it to find unused parameters (RACNNTask.leaves_parameters_unused).
     METHODS["racnn"] = {
         "model": {"class_path": "finegrain.tasks.racnn.RACNNTask", "init_args": {
             "backbone": "test_resnet", "lr": 0.05,

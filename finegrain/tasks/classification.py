@@ -86,6 +86,10 @@ class ClassificationTask(pl.LightningModule):
         class_names, preprocessing: linked from the data module and stored in checkpoints for inference.
     """
 
+    # True where some training steps give part of the parameters no gradient: DDP must then not wait for them
+    # (`finegrain fit` turns a plain `ddp` strategy into `ddp_find_unused_parameters_true`).
+    leaves_parameters_unused = False
+
     def __init__(
         self,
         num_classes: int,

@@ -65,6 +65,8 @@ class RACNNTask(ClassificationTask):
     pre-training (so its warm-up is not spent while it is idle).
     """
 
+    leaves_parameters_unused = True  # each phase steps one optimiser; the other's parameters get no gradient
+
     def __init__(
         self,
         num_classes: int,
