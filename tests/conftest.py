@@ -13,6 +13,12 @@ CUB_ROOT = SHARED / "data" / "CUB_200_2011"
 needs_cub = pytest.mark.skipif(not (CUB_ROOT / "images.txt").is_file(), reason=f"real CUB subset not at {CUB_ROOT}")
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    """Image-check results are remembered under a folder of the test session's own, never the user's cache."""
+    monkeypatch.setenv("FINEGRAIN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "finegrain-cache"))
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic bird dataset in the CUB layout, shared by the tests of one session."""

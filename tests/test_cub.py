@@ -87,18 +87,92 @@ def test_reader_errors_name_the_fix(tmp_path):
         read_cub(write_cub(tmp_path / "cub"), classes="1,7")
 
 
-def test_check_finds_missing_broken_and_outside_boxes(tmp_path):
-    root = write_cub(tmp_path / "cub", boxes={2: "50.0 30.0 20.0 20.0"})
+def test_check_finds_missing_broken_and_boxes_without_area(tmp_path):
+    root = write_cub(tmp_path / "cub", boxes={2: "61.0 30.0 20.0 20.0"})  # starts right of the 60x40 photo
     meta = read_cub(root)
     meta.records[0].path.unlink()
     meta.records[2].path.write_bytes(b"not a jpeg")
     report = check_cub(root)
     assert report.missing == [meta.records[0].path]
     assert [p for p, _ in report.broken] == [meta.records[2].path]
-    assert len(report.box_problems) == 1 and "image 2" in report.box_problems[0]
-    assert "lies outside the 60x40 image" in report.box_problems[0]
+    assert len(report.annotation_problems) == 1 and "image 2" in report.annotation_problems[0]
+    assert "has no area inside the 60x40 photograph" in report.annotation_problems[0]
     assert len(report.problems) == 3
     assert "1 listed images missing on disk" in report.format()
+    assert [r.image_id for r in report.usable] == [4, 5, 6]
+
+
+def test_boxes_and_parts_that_overrun_the_photo_are_clipped_and_noted(tmp_path):
+    # 60x40 photos: image 1 overruns by 3 px right and 2 px below, image 5 by 32 px left; image 3 is inside
+    root = write_cub(tmp_path / "cub", boxes={1: "45.0 30.0 18.0 12.0", 5: "-32.0 4.0 50.0 20.0"})
+    lines = (root / "parts" / "part_locs.txt").read_text().splitlines()
+    lines[1] = "1 2 65.0 -1.0 1"  # image 1's beak 5 px right of and 1 px above the photo
+    (root / "parts" / "part_locs.txt").write_text("\n".join(lines) + "\n")
+    report = check_cub(root)
+    assert report.problems == []
+    usable = {r.image_id: r for r in report.usable}
+    assert usable[1].box == (45.0, 30.0, 15.0, 10.0)  # x + w = 60, y + h = 40: the photo's edges
+    assert usable[5].box == (0.0, 4.0, 18.0, 20.0)
+    assert usable[3].box == (5.0, 6.0, 20.0, 10.0)
+    np.testing.assert_array_equal(usable[1].parts[1], [60.0, 0.0, 1.0])
+    np.testing.assert_array_equal(usable[1].parts[0], [0.0, 0.0, 0.0])  # invisible parts untouched
+    assert read_cub(root).records[0].box == (45.0, 30.0, 18.0, 12.0)  # the metadata keeps the files' values
+    text = report.format()
+    assert "2 box(es) of bounding_boxes.txt overrun their photograph by up to 32 px and are clipped to it" in text
+    assert text.index("image 5 ") < text.index("image 1 ")  # the worst first
+    assert "1 note(s), training goes ahead" in text and "no problems found" in text
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-5.0"])
+def test_a_box_value_that_is_not_a_finite_size_is_a_problem(tmp_path, value, capsys):
+    root = write_cub(tmp_path / "cub", boxes={4: f"5.0 6.0 {value} 10.0"})
+    meta = read_cub(root)
+    assert 4 not in [r.image_id for r in meta.records]
+    assert len(meta.problems) == 1 and "bounding_boxes.txt: 1 box(es) are not four finite numbers" in meta.problems[0]
+    assert f"image 4 ('5.0 6.0 {value} 10.0')" in meta.problems[0]
+    assert main(["data", "check", str(root)]) == 1
+    assert "1 problem(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("row", ["4 3 nan 5.0 1", "4 3 5.0 5.0 2", "4 3 5.0 inf 0"])
+def test_a_part_value_that_is_not_finite_or_a_visibility_is_a_problem(tmp_path, row):
+    root = write_cub(tmp_path / "cub")
+    lines = (root / "parts" / "part_locs.txt").read_text().splitlines()
+    lines[3 * 15 + 2] = row  # image 4, part 3
+    (root / "parts" / "part_locs.txt").write_text("\n".join(lines) + "\n")
+    meta = read_cub(root)
+    assert [r.image_id for r in meta.records] == [1, 2, 3, 5, 6]
+    assert len(meta.problems) == 1 and "1 image(s) with a value that is not a finite number" in meta.problems[0]
+
+
+def test_missing_part_locations_are_a_note(tmp_path):
+    root = write_cub(tmp_path / "cub")
+    (root / "parts" / "part_locs.txt").unlink()
+    report = check_cub(root)
+    assert report.problems == [] and len(report.usable) == 6
+    assert (report.usable[0].parts == 0).all()
+    assert "parts/part_locs.txt is absent" in report.format()
+
+
+def test_check_remembers_unchanged_files(tmp_path, monkeypatch):
+    import finegrain.data.images as images
+
+    root = write_cub(tmp_path / "cub")
+    decoded = []
+    real_check = images.check_image
+    monkeypatch.setattr(images, "check_image", lambda path: decoded.append(path) or real_check(path))
+    first = check_cub(root)
+    assert len(decoded) == 6
+    decoded.clear()
+    again = check_cub(root)
+    assert decoded == [] and [r.box for r in again.usable] == [r.box for r in first.usable]
+    changed = first.metadata.records[1].path
+    changed.write_bytes(changed.read_bytes()[:100])  # truncated: another size
+    report = check_cub(root)
+    assert decoded == [changed] and [p for p, _ in report.broken] == [changed]
+    fast = []
+    monkeypatch.setattr(images, "check_image", lambda path: fast.append(path))
+    assert check_cub(root, decode=False).broken == report.broken  # a header-only check reuses decoded results
 
 
 def test_split_is_stratified_seeded_and_disjoint(tmp_path):
@@ -138,11 +212,18 @@ def test_data_check_command_on_real_cub(capsys):
     assert main(["data", "check", str(CUB_ROOT), "--fast"]) == 1
     out = capsys.readouterr().out
     for expected in ("images      11,788", "classes     200", "train/test  5,994/5,794", "parts       15",
-                     "11,245 listed images missing on disk"):  # fmt: skip
+                     "10,087 listed images missing on disk"):  # fmt: skip
         assert expected in out
     assert main(["data", "check", str(CUB_ROOT), "--classes", "1-10"]) == 0
     out = capsys.readouterr().out
     assert "images      543" in out and "no problems found" in out
+    # the official boxes of images 960, 999 and 1218 overrun their photographs by 2 to 32 px: clipped, not refused
+    assert main(["data", "check", str(CUB_ROOT), "--classes", "1-30"]) == 0
+    out = capsys.readouterr().out
+    assert "images      1,701" in out and "train/test  900/801" in out and "no problems found" in out
+    assert "box(es) of bounding_boxes.txt overrun their photograph by up to 32 px" in out
+    for image_id in (960, 999, 1218):
+        assert f"image {image_id} (" in out
 
 
 def test_data_check_command_on_a_copy_with_a_broken_image(tmp_path, capsys):

@@ -6,6 +6,12 @@ through the same checks. Coordinates stay in original image pixels (x = column, 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -17,14 +23,16 @@ import numpy as np
 
 from finegrain.errors import FinegrainError
 
+log = logging.getLogger(__name__)
+
 PART_NAMES = (
     "back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
     "right eye", "right leg", "right wing", "tail", "throat",
 )  # fmt: skip
 REQUIRED_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt",
                   "bounding_boxes.txt")  # fmt: skip
-# Boxes in the official files are hand-drawn; allow them to touch the border by a pixel.
-BOX_TOLERANCE_PX = 1.0
+# Official boxes are hand-drawn and some overrun their photograph (image 1218 by 32 px): they are clipped to it.
+NOTES_LISTED = 10  # clipped boxes listed one by one in a report; the rest are counted
 
 
 @dataclass(eq=False)
@@ -52,7 +60,8 @@ class CUBMetadata:
     num_listed_classes: int
     part_names: list[str]
     attribute_names: list[str]
-    problems: list[str] = field(default_factory=list)  # disagreements between the metadata files
+    problems: list[str] = field(default_factory=list)  # disagreements between the metadata files, bad values
+    notes: list[str] = field(default_factory=list)  # imperfections that do not stop training
 
     @property
     def train(self) -> list[CUBRecord]:
@@ -115,26 +124,56 @@ def _read_names(path: Path) -> list[str]:
         return [line.strip().split(maxsplit=1)[1] for line in f if line.strip()]
 
 
+def _read_boxes(table: dict[int, list[str]], problems: list[str]) -> dict[int, tuple[float, float, float, float]]:
+    """bounding_boxes.txt rows -> {image_id: (x, y, w, h)}; a row that is not four finite numbers with a positive
+    width and height is reported and its image left out."""
+    boxes, bad = {}, []
+    for image_id, values in table.items():
+        try:
+            box = tuple(float(v) for v in " ".join(values).split())
+        except ValueError:
+            box = ()
+        if len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0:
+            boxes[image_id] = box
+        else:
+            bad.append((image_id, " ".join(values)))
+    if bad:
+        examples = ", ".join(f"image {i} ({v!r})" for i, v in bad[:3])
+        problems.append(f"bounding_boxes.txt: {len(bad)} box(es) are not four finite numbers x y width height with "
+                        f"a positive width and height, e.g. {examples}; fix those lines")  # fmt: skip
+    return boxes
+
+
 def _read_part_locs(path: Path, image_ids: Sequence[int], num_parts: int, problems: list[str]) -> dict:
-    """parts/part_locs.txt -> {image_id: (num_parts, 3) array}. Vectorised: the real file has 176,820 lines."""
-    if not path.is_file():
-        return {}
+    """parts/part_locs.txt -> {image_id: (num_parts, 3) array}. Vectorised: the real file has 176,820 lines.
+    Images with a value that is not a finite number, or a visibility other than 0/1, are reported and left out."""
     try:
         table = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as e:
-        problems.append(f"parts/part_locs.txt: unreadable ({e})")
+        problems.append(f"parts/part_locs.txt: unreadable ({e}); every line must be `image part x y visible`")
+        return {}
+    if table.size and table.shape[1] != 5:
+        problems.append(f"parts/part_locs.txt: {table.shape[1]} columns, not 5 (image part x y visible)")
         return {}
     locs: dict[int, np.ndarray] = {}
     counts: dict[int, int] = defaultdict(int)
+    bad: set[int] = set()
     for row in table:
         image_id, part_id = int(row[0]), int(row[1])
         if not 1 <= part_id <= num_parts:
             problems.append(f"parts/part_locs.txt: image {image_id} has unknown part {part_id}")
             continue
+        if not np.isfinite(row[2:5]).all() or row[4] not in (0.0, 1.0):
+            bad.add(image_id)
         locs.setdefault(image_id, np.zeros((num_parts, 3), np.float32))[part_id - 1] = row[2:5]
         counts[image_id] += 1
+    if bad:
+        problems.append(f"parts/part_locs.txt: {len(bad)} image(s) with a value that is not a finite number or a "
+                        f"visibility other than 0/1, e.g. ids {sorted(bad)[:3]}; fix those lines")  # fmt: skip
+        for image_id in bad:
+            del locs[image_id]
     listed = set(image_ids)
-    extra = sorted(set(locs) - listed)
+    extra = sorted(set(locs) - listed - bad)
     if extra:
         problems.append(f"parts/part_locs.txt: {len(extra)} image ids not in images.txt, e.g. {extra[:3]}")
     incomplete = [i for i in image_ids if counts.get(i, 0) != num_parts]
@@ -175,14 +214,22 @@ def read_cub(root: str | Path, classes: str | int | Iterable[int] | None = None)
     class_table = _read_table(root / "classes.txt", 1, problems)
     labels = _read_table(root / "image_class_labels.txt", 1, problems)
     split = _read_table(root / "train_test_split.txt", 1, problems)
-    boxes = _read_table(root / "bounding_boxes.txt", 4, problems)
-    part_names = _read_names(root / "parts" / "parts.txt")
+    box_table = _read_table(root / "bounding_boxes.txt", 4, problems)
+    boxes = _read_boxes(box_table, problems)
+    part_names = _read_names(root / "parts" / "parts.txt") or list(PART_NAMES)
     image_ids = sorted(images)
-    parts = _read_part_locs(root / "parts" / "part_locs.txt", image_ids, len(part_names), problems)
+    notes: list[str] = []
+    part_locs = root / "parts" / "part_locs.txt"
+    if part_locs.is_file():
+        parts = _read_part_locs(part_locs, image_ids, len(part_names), problems)
+    else:
+        parts = None
+        notes.append("parts/part_locs.txt is absent: no part locations (training works; part scores and part "
+                     "supervision need them)")  # fmt: skip
 
     reference = set(images)
     for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", split),
-                        ("bounding_boxes.txt", boxes)):  # fmt: skip
+                        ("bounding_boxes.txt", box_table)):  # fmt: skip
         problems += _disagreement(name, set(table), reference)
     unknown_classes = sorted({int(v[0]) for v in labels.values()} - set(class_table))
     if unknown_classes:
@@ -203,7 +250,9 @@ def read_cub(root: str | Path, classes: str | int | Iterable[int] | None = None)
     no_parts = np.zeros((len(PART_NAMES), 3), np.float32)
     for image_id in image_ids:
         if image_id not in labels or image_id not in split or image_id not in boxes:
-            continue  # already reported as a disagreement
+            continue  # already reported as a disagreement or a bad value
+        if parts is not None and image_id not in parts:
+            continue  # part values reported above
         class_id = int(labels[image_id][0])
         if class_id not in label_of:
             continue
@@ -213,8 +262,8 @@ def read_cub(root: str | Path, classes: str | int | Iterable[int] | None = None)
             label=label_of[class_id],
             class_id=class_id,
             is_train=split[image_id][0] == "1",
-            box=tuple(float(v) for v in boxes[image_id]),
-            parts=parts.get(image_id, no_parts),
+            box=boxes[image_id],
+            parts=no_parts if parts is None else parts[image_id],
         ))  # fmt: skip
     return CUBMetadata(
         root=root,
@@ -226,6 +275,7 @@ def read_cub(root: str | Path, classes: str | int | Iterable[int] | None = None)
         part_names=part_names,
         attribute_names=_read_names(root / "attributes.txt") or _read_names(root.parent / "attributes.txt"),
         problems=problems,
+        notes=notes,
     )
 
 
@@ -256,12 +306,18 @@ def split_train_val(records: Sequence[CUBRecord], val_fraction: float, seed: int
 
 @dataclass
 class CheckReport:
-    """What `finegrain data check` prints; `problems` empty means the folder is ready to train on."""
+    """What `finegrain data check` prints. `problems` stop a run (unusable data); `notes` do not.
+
+    usable: the selected records that are on disk, decode, and keep a box with area inside their photograph, with
+    boxes and visible parts clipped to the photograph (new records; the metadata's own stay as in the files).
+    """
 
     metadata: CUBMetadata
     missing: list[Path]
     broken: list[tuple[Path, str]]
-    box_problems: list[str]
+    annotation_problems: list[str]
+    notes: list[str]
+    usable: list[CUBRecord]
 
     @property
     def problems(self) -> list[str]:
@@ -270,7 +326,7 @@ class CheckReport:
             examples = ", ".join(str(p.relative_to(self.metadata.root)) for p in self.missing[:3])
             found.append(f"{len(self.missing):,} listed images missing on disk, e.g. {examples}")
         found += [f"{path}: {problem}" for path, problem in self.broken]
-        found += self.box_problems
+        found += self.annotation_problems
         return found
 
     def format(self) -> str:
@@ -285,6 +341,9 @@ class CheckReport:
             f"  parts       {len(meta.part_names)}",
             f"  attributes  {len(meta.attribute_names)}",
         ]
+        if self.notes:  # a note's detail lines start with spaces
+            lines.append(f"{sum(not note.startswith(' ') for note in self.notes)} note(s), training goes ahead:")
+            lines += [f"    {note.strip()}" if note.startswith(" ") else f"  - {note}" for note in self.notes]
         problems = self.problems
         if problems:
             lines.append(f"{len(problems)} problem(s):")
@@ -294,37 +353,137 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _box_problem(record: CUBRecord, size: tuple[int, int]) -> str | None:
+def clip_to_image(record: CUBRecord, width: int, height: int) -> tuple[CUBRecord, float]:
+    """The record with its box (x, y, w, h) and visible parts clipped to a width x height photograph, and how far
+    the box reached outside it in pixels (0 when inside). A box left without area keeps w or h at 0."""
     x, y, w, h = record.box
-    width, height = size
-    tol = BOX_TOLERANCE_PX
-    if w <= 0 or h <= 0 or x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
-        return (f"image {record.image_id} ({record.path.name}): box x={x} y={y} w={w} h={h} "
-                f"lies outside the {width}x{height} image")  # fmt: skip
-    return None
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    overrun = max(0.0, -x, -y, x + w - width, y + h - height)
+    parts = record.parts.copy()
+    visible = parts[:, 2] > 0
+    parts[visible, 0] = parts[visible, 0].clip(0, width)
+    parts[visible, 1] = parts[visible, 1].clip(0, height)
+    return dataclasses.replace(record, box=(x0, y0, x1 - x0, y1 - y0), parts=parts), overrun
 
 
-def check_cub(root: str | Path, classes: str | Iterable[int] | None = None, decode: bool = True,
+def _clip_notes(clipped: list[tuple[CUBRecord, float, tuple[int, int]]]) -> list[str]:
+    """One note per clipped box (the worst first, the first NOTES_LISTED), headed by their count and worst."""
+    if not clipped:
+        return []
+    clipped = sorted(clipped, key=lambda item: -item[1])
+    worst = clipped[0][1]
+    notes = [f"{len(clipped)} box(es) of bounding_boxes.txt overrun their photograph by up to {worst:g} px and are "
+             "clipped to it"]  # fmt: skip
+    for record, overrun, (width, height) in clipped[:NOTES_LISTED]:
+        x, y, w, h = record.box
+        notes.append(f"  image {record.image_id} ({record.path.name}, {width}x{height}): box x={x:g} y={y:g} "
+                     f"w={w:g} h={h:g} overruns by {overrun:g} px")  # fmt: skip
+    if len(clipped) > NOTES_LISTED:
+        notes.append(f"  ... and {len(clipped) - NOTES_LISTED} more")
+    return notes
+
+
+def cache_dir() -> Path:
+    """Where finegrain remembers what it found: $FINEGRAIN_CACHE_DIR, else $XDG_CACHE_HOME/finegrain, else
+    ~/.cache/finegrain."""
+    if folder := os.environ.get("FINEGRAIN_CACHE_DIR"):
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finegrain"
+
+
+class ImageCheckCache:
+    """What the check found per image file (decoded or not, its problem, its upright size), valid while the file's
+    size and modification time stay the same. One JSON file per dataset folder; a cache that cannot be read or
+    written is ignored, never an error."""
+
+    def __init__(self, root: Path):
+        digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+        self.path = cache_dir() / "image-checks" / f"{digest}.json"
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def get(self, path: Path, decode: bool) -> tuple[str | None, tuple[int, int] | None] | None:
+        """(problem, size) remembered for this file as it is now, or None. A header-only entry does not answer a
+        decoding check."""
+        entry = self.entries.get(str(path))
+        if entry is None or entry[0] != self._stamp(path) or (decode and not entry[1]):
+            return None
+        return entry[2], (tuple(entry[3]) if entry[3] else None)
+
+    def put(self, path: Path, decoded: bool, problem: str | None, size: tuple[int, int] | None) -> None:
+        self.entries[str(path)] = [self._stamp(path), decoded, problem, list(size) if size else None]
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(self.entries))
+            os.replace(partial, self.path)
+        except OSError as e:
+            log.debug("image check cache not written (%s)", e)
+            partial.unlink(missing_ok=True)
+
+
+def check_cub(source: str | Path | CUBMetadata, classes: str | Iterable[int] | None = None, decode: bool = True,
               workers: int = 4) -> CheckReport:  # fmt: skip
-    """Read the folder and look at every selected image: missing, undecodable, or with a box outside it."""
+    """Look at every selected image of a folder (or of metadata already read): missing or undecodable files and
+    boxes without area inside their photograph are problems; boxes and parts that overrun it are clipped and noted.
+
+    What was found is remembered per file (see ImageCheckCache); a progress bar shows on a terminal.
+    """
+    from tqdm import tqdm
+
     from finegrain.data.images import check_image, image_size
 
-    metadata = read_cub(root, classes)
+    metadata = source if isinstance(source, CUBMetadata) else read_cub(source, classes)
     present = [r for r in metadata.records if r.path.is_file()]
     missing = [r.path for r in metadata.records if not r.path.is_file()]
+    cache = ImageCheckCache(metadata.root)
 
-    def inspect(record: CUBRecord) -> tuple[CUBRecord, str | None, tuple[int, int] | None]:
-        problem = check_image(record.path) if decode else None
-        if problem is not None:
-            return record, problem, None
-        try:
-            return record, None, image_size(record.path)
-        except FinegrainError as e:
-            return record, str(e), None
+    def inspect(record: CUBRecord) -> tuple[str | None, tuple[int, int] | None]:
+        remembered = cache.get(record.path, decode)
+        if remembered is not None:
+            return remembered
+        problem, size = check_image(record.path) if decode else None, None
+        if problem is None:
+            try:
+                size = image_size(record.path)
+            except FinegrainError as e:
+                problem = getattr(e, "problem", str(e))
+        cache.put(record.path, decode, problem, size)
+        return problem, size
 
     # PIL releases the GIL while decoding, so threads give a real speed-up on many files.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(inspect, present))
-    broken = [(r.path, problem) for r, problem, _ in results if problem is not None]
-    box_problems = [p for r, _, size in results if size is not None and (p := _box_problem(r, size))]
-    return CheckReport(metadata=metadata, missing=missing, broken=broken, box_problems=box_problems)
+        results = list(tqdm(pool.map(inspect, present), total=len(present), desc="checking images", unit="image",
+                            disable=None, leave=False))  # fmt: skip
+    cache.save()
+    broken, annotation_problems, clipped, usable = [], [], [], []
+    for record, (problem, size) in zip(present, results, strict=True):
+        if problem is not None:
+            broken.append((record.path, problem))
+            continue
+        fitted, overrun = clip_to_image(record, *size)
+        if fitted.box[2] <= 0 or fitted.box[3] <= 0:
+            x, y, w, h = record.box
+            annotation_problems.append(f"image {record.image_id} ({record.path.name}): box x={x:g} y={y:g} w={w:g} "
+                                       f"h={h:g} has no area inside the {size[0]}x{size[1]} photograph; fix its line "
+                                       "in bounding_boxes.txt")  # fmt: skip
+            continue
+        if overrun > 0:
+            clipped.append((record, overrun, size))
+        usable.append(fitted)
+    return CheckReport(metadata=metadata, missing=missing, broken=broken, annotation_problems=annotation_problems,
+                       notes=[*metadata.notes, *_clip_notes(clipped)], usable=usable)  # fmt: skip

@@ -100,7 +100,8 @@ class CUBDataModule(pl.LightningDataModule):
         img_size: input size; None keeps the backbone's default.
         crop_pct: eval resize = img_size / crop_pct before the centre crop; None keeps the backbone's default.
         augment: training augmentation.
-        skip_broken: train without missing or undecodable images (reporting how many) instead of stopping.
+        skip_broken: train without unusable images (missing, undecodable, a box with no area inside the photo;
+            reporting how many) instead of stopping. Boxes that merely overrun their photo are clipped, never skipped.
         synthesize: if root has no dataset yet, write synthetic birds there first, with these arguments of
             `finegrain data synth` (e.g. {num_classes: 10, per_class: 40, seed: 0}).
     """
@@ -183,22 +184,24 @@ class CUBDataModule(pl.LightningDataModule):
                  len(train), len(val), len(test), self.num_classes)  # fmt: skip
 
     def _usable_records(self) -> list[CUBRecord]:
-        """Stop before the first step if any selected image is missing or broken, unless told to skip them."""
-        report = check_cub(self.root, self.classes)
+        """Stop before the first step if any selected image is missing or broken, unless told to skip them. Boxes
+        that overrun their photograph come back clipped to it."""
+        report = check_cub(self.metadata)
+        if report.notes:
+            log.warning("data notes (`finegrain data check %s` lists them): %s", self.root,
+                        "; ".join(note for note in report.notes if not note.startswith(" ")))  # fmt: skip
         if not report.problems:
-            return self.metadata.records
+            return report.usable
         if not self.skip_broken:
             raise FinegrainError(
                 f"{report.format()}\nFix these, choose classes whose images are present (data.classes), "
                 "or pass --data.skip_broken true to train without the unusable images"
             )
-        unusable = set(report.missing) | {path for path, _ in report.broken}
-        records = [r for r in self.metadata.records if r.path not in unusable]
-        log.warning("skipping %d missing or broken images of %d (data.skip_broken)",
-                    len(self.metadata.records) - len(records), len(self.metadata.records))  # fmt: skip
-        if not records:
+        log.warning("skipping %d unusable images of %d (data.skip_broken)",
+                    len(self.metadata.records) - len(report.usable), len(self.metadata.records))  # fmt: skip
+        if not report.usable:
             raise FinegrainError(f"no usable images left in {self.root} after skipping the broken ones")
-        return records
+        return report.usable
 
     def _loader(self, split: str) -> DataLoader:
         dataset = self.datasets[split]
