@@ -136,14 +136,19 @@ def predict_images(args: argparse.Namespace) -> int:
         check_output_path(args.output)
     files, problems = find_images(args.paths)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    if args.top_k > len(predictor.class_names):
+        print(f"finegrain: --top-k {args.top_k} is more than the model's {len(predictor.class_names)} classes: "
+              f"listing all {len(predictor.class_names)}", file=sys.stderr)  # fmt: skip
     results, unreadable = predict_files(predictor, files, top_k=args.top_k, batch_size=args.batch_size,
                                         viz_dir=args.save_viz)  # fmt: skip
     problems += unreadable
     if results:
         print(format_table(results))
-    if args.output is not None:
+    if args.output is not None and results:
         write_results(results, args.output)
         print(f"wrote {len(results)} results to {args.output}")
+    elif args.output is not None:
+        print(f"finegrain: no image was predicted, so {args.output} was not written", file=sys.stderr)
     if args.save_viz is not None and results:
         print(f"wrote {len(results)} pictures to {args.save_viz}")
     for problem in problems:
@@ -158,7 +163,12 @@ def export_model(args: argparse.Namespace) -> int:
     """`finegrain export CKPT OUT_DIR [--onnx]`: a package Predictor loads without the dataset or recipe."""
     from finegrain.export import export_package
 
-    out_dir = export_package(args.checkpoint, args.out_dir, onnx=args.onnx)
+    # SIGTERM ends the export through SystemExit, so its temporary folder is removed and the old package stays.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        out_dir = export_package(args.checkpoint, args.out_dir, onnx=args.onnx)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"exported {args.checkpoint} to {out_dir}: {', '.join(sorted(p.name for p in out_dir.iterdir()))}")
     return 0
 

@@ -11,9 +11,8 @@ import csv
 import inspect
 import itertools
 import json
-import pickle
+import os
 import threading
-import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from finegrain.checkpoints import CHECKPOINT_FIX, load_checkpoint
 from finegrain.data.images import ImageDecodeError, load_rgb
 from finegrain.data.transforms import build_transform
 from finegrain.errors import FinegrainError
@@ -39,8 +39,7 @@ RESULT_SUFFIXES = (".json", ".csv")
 PROGRESS_MIN_FILES = 20  # fewer images finish before a bar would say anything
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NETWORK_PREFIX = "network."  # ClassificationTask keeps its network as `self.network`
-_MODEL_FIX = "pass a .ckpt written by `finegrain fit` (checkpoints/<run_name>/best.ckpt) or a folder written by " \
-             "`finegrain export`"  # fmt: skip
+_MODEL_FIX = CHECKPOINT_FIX
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
@@ -251,19 +250,15 @@ def read_model(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         return read_package(path)
     if not path.exists():
         raise FinegrainError(f"model {path} not found; {_MODEL_FIX}")
+    if path.name == PACKAGE_WEIGHTS and (path.parent / PACKAGE_CONFIG).is_file():
+        return read_package(path.parent)  # the package's weights file named instead of its folder
     return read_checkpoint(path)
 
 
 def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """A Lightning checkpoint of ClassificationTask (or a subclass): hyper_parameters and network weights."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise FinegrainError(
-            f"{path} is not a PyTorch checkpoint that loads without running code ({type(e).__name__}); {_MODEL_FIX}"
-        ) from e
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    weights = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    checkpoint = load_checkpoint(path)
+    hparams, weights = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
     if not isinstance(hparams, dict) or not isinstance(weights, dict) or "method" not in hparams:
         raise FinegrainError(f"{path} is not a finegrain training checkpoint (no hyper_parameters with a method, "
                              f"or no state_dict); {_MODEL_FIX}")  # fmt: skip
@@ -325,6 +320,10 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor], source: Path
             "use the file as `finegrain fit` or `finegrain export` wrote it"
         )
     network.load_state_dict(state_dict, strict=True)
+    num_classes = config.network.get("num_classes")
+    if num_classes is not None and len(config.class_names) != num_classes:
+        raise FinegrainError(f"{source}: it names {len(config.class_names)} classes but its network scores "
+                             f"{num_classes}; export the checkpoint again with `finegrain export`")  # fmt: skip
     return network.eval()
 
 
@@ -389,16 +388,23 @@ def format_table(results: list[dict]) -> str:
 
 
 def write_results(results: list[dict], path: Path) -> None:
-    """.json: the results as returned; .csv: one row per prediction (image, rank, class_id, label, score)."""
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        return
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "rank", "class_id", "label", "score"])
-        for result in results:
-            for rank, p in enumerate(result["predictions"], 1):
-                writer.writerow([result["image"], rank, p["class_id"], p["label"], f"{p['score']:.6f}"])
+    """.json: the results as returned; .csv: one row per prediction (image, rank, class_id, label, score).
+
+    Written to a temporary sibling and renamed into place: an interrupted write leaves the old file whole."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("w", newline="") as f:
+            if path.suffix.lower() == ".json":
+                f.write(json.dumps(results, indent=2) + "\n")
+            else:
+                writer = csv.writer(f)
+                writer.writerow(["image", "rank", "class_id", "label", "score"])
+                for result in results:
+                    for rank, p in enumerate(result["predictions"], 1):
+                        writer.writerow([result["image"], rank, p["class_id"], p["label"], f"{p['score']:.6f}"])
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def check_output_path(path: Path) -> None:

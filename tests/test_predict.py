@@ -235,9 +235,18 @@ def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path, stn_checkpoint):
     cases["mismatch"] = tmp_path / "mismatch.ckpt"
     (tmp_path / "folder").mkdir()
     cases["folder"] = tmp_path / "folder"
+    data = Path(stn_checkpoint).read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = tmp_path / "truncated.ckpt"
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    cases["empty"] = tmp_path / "empty.ckpt"
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!garbage!")
+    cases["safetensors"] = tmp_path / "model.safetensors"
     expected = {"missing": "not found", "junk": "not a PyTorch checkpoint", "plain": "not a finegrain training",
-                "code": "without running code", "method": "'capsnet' network", "mismatch": "do not fit the stn",
-                "folder": "without finegrain.json"}  # fmt: skip
+                "code": r"refused: it pickles Python objects \(pathlib.PosixPath\), so loading it would run code",
+                "method": "'capsnet' network", "mismatch": "do not fit the stn", "folder": "without finegrain.json",
+                "truncated": "is truncated or corrupt", "empty": "is an empty file",
+                "safetensors": "bare weights without their network"}  # fmt: skip
     for name, path in cases.items():
         with pytest.raises(FinegrainError, match=expected[name]) as error:
             Predictor.from_checkpoint(path)

@@ -31,6 +31,9 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from finegrain.errors import FinegrainError
 
 MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS  # default limit of width * height; None disables it
+# Longer side / shorter side. Resizing scales the shorter side to the input size, so this bounds the pixels a
+# resize can make (a 40000x1 PNG of 201 bytes would otherwise ask for gigabytes); wide panoramas are about 4:1.
+MAX_ASPECT_RATIO = 20.0
 
 # Orientations 5-8 turn the picture by 90 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -59,6 +62,7 @@ def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, *,
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
     if isinstance(source, Image.Image):
+        _check_shape(source.size, None, "<PIL image>")
         with _translated("<PIL image>"):
             return _pil_to_rgb(source)
     if isinstance(source, bytes):
@@ -68,7 +72,7 @@ def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, *,
     else:
         raise TypeError(f"load_rgb takes a path, bytes, PIL image or array, not {type(source).__name__}")
     with _translated(name, fp), Image.open(fp) as image:
-        _check_pixels(image.size, max_pixels, name)
+        _check_shape(image.size, max_pixels, name)
         return _pil_to_rgb(image)
 
 
@@ -85,12 +89,14 @@ def check_image(path: str | Path, *, max_pixels: int | None = MAX_PIXELS) -> str
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of the upright image, read from the header without decoding pixels."""
+    """(width, height) of the upright image, read from the header without decoding pixels; the limits of
+    `load_rgb` apply."""
     path = Path(path)
     with _translated(str(path), path), Image.open(path) as image:
         # PngImageFile.getexif decodes the whole image when no eXIf chunk precedes the pixels; the base
         # method reads only what open() parsed, which is where the orientation lives in practice.
         orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+        _check_shape(image.size, MAX_PIXELS, str(path))
         width, height = image.size
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
@@ -116,6 +122,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     if array.size == 0 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise ImageDecodeError("<array>", f"shape {array.shape} is not an image",
                                "pass HxW, HxWx1, HxWx3 or HxWx4 pixels (height first)")  # fmt: skip
+    _check_shape((array.shape[1], array.shape[0]), None, "<array>")
     if array.dtype == np.uint16:
         array = (array >> 8).astype(np.uint8)
     elif array.dtype.kind == "f":
@@ -129,11 +136,18 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return _pil_to_rgb(Image.fromarray(np.ascontiguousarray(array)))
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+def _check_shape(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    """Refuse, from the header alone, images whose decoding or resizing would cost unbounded memory."""
     pixels = size[0] * size[1]
     if max_pixels is not None and pixels > max_pixels:
         raise ImageDecodeError(name, f"decompression bomb ({pixels:,} pixels > limit {max_pixels:,})",
                                "pass a larger max_pixels if you trust this file")  # fmt: skip
+    longer, shorter = max(size), min(size)
+    if shorter < 1 or longer / shorter > MAX_ASPECT_RATIO:
+        raise ImageDecodeError(name, f"{size[0]}x{size[1]} pixels is no photograph (a side over "
+                                     f"{MAX_ASPECT_RATIO:g} times the other: resizing it would need "
+                                     f"{longer / max(shorter, 1) * 3 * 256**2:,.0f} bytes or more)",
+                               "crop it to the bird")  # fmt: skip
 
 
 @contextmanager
