@@ -43,8 +43,10 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         if is_zip:
-            raise FinegrainError(f"{path} is truncated or corrupt ({type(e).__name__}); copy it again, or use the "
-                                 "other checkpoint `finegrain fit` kept for the run (best.ckpt / last.ckpt)") from e  # fmt: skip
+            raise FinegrainError(
+                f"{path} is truncated or corrupt ({type(e).__name__}); copy it again, or use the other checkpoint "
+                "`finegrain fit` kept for the run (best.ckpt / last.ckpt)"
+            ) from e
         raise FinegrainError(f"{path} is not a PyTorch checkpoint; {CHECKPOINT_FIX}") from e
     if not isinstance(checkpoint, dict):
         raise FinegrainError(f"{path} is not a training checkpoint (it holds a {type(checkpoint).__name__}); "
