@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from finegrain.checkpoints import CHECKPOINT_FIX, load_checkpoint
 from finegrain.errors import FinegrainError
 from finegrain.models import ModelOutput
 from finegrain.models.geometry import box_to_transform, crop
@@ -49,6 +50,58 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+
+
+RUN_CHECKPOINTS = ("best.ckpt", "last.ckpt")
+
+
+def prepare_run_dir(folder: Path, run_name: str, ckpt_path: str | None, overwrite: bool) -> None:
+    """Before `fit` writes anything: refuse to replace an earlier run's checkpoints unless resuming it or told to
+    overwrite (then they are removed first, so no checkpoint of the old run survives beside the new run's)."""
+    existing = [folder / name for name in RUN_CHECKPOINTS if (folder / name).is_file()]
+    if not existing or os.environ.get("LOCAL_RANK", "0") != "0":  # DDP ranks > 0 re-run the command line
+        return
+    resuming = ckpt_path is not None and (ckpt_path in ("last", "best") or Path(ckpt_path).parent.resolve() ==
+                                          folder.resolve())  # fmt: skip
+    if resuming:
+        return
+    if not overwrite:
+        names = " and ".join(path.name for path in existing)
+        raise FinegrainError(f"run {run_name!r} already has {names} in {folder}: resume it with --ckpt_path last, "
+                             "start another with --run_name NAME, or replace it with --overwrite true")  # fmt: skip
+    for path in existing:
+        path.unlink()
+    log.warning("--overwrite: removed the earlier %s of run %r", " and ".join(p.name for p in existing), run_name)
+
+
+def check_checkpoint_fits(ckpt_path: str, folder: Path, model: pl.LightningModule) -> None:
+    """Before a run resumes from (or evaluates) a checkpoint and before it writes anything: the checkpoint must have
+    been trained with the classes and network these settings give."""
+    path = folder / f"{ckpt_path}.ckpt" if ckpt_path in ("last", "best") else Path(ckpt_path)
+    if ckpt_path in ("last", "best") and not path.is_file():
+        raise FinegrainError(f"--ckpt_path {ckpt_path}: there is no {path} to start from; train the run first, or "
+                             "drop --ckpt_path to start a new one")  # fmt: skip
+    checkpoint = load_checkpoint(path)
+    theirs, hparams = checkpoint.get("state_dict"), checkpoint.get("hyper_parameters") or {}
+    if not isinstance(theirs, dict):
+        raise FinegrainError(f"{path} holds no state_dict; {CHECKPOINT_FIX}")
+    ours, differences = model.state_dict(), []
+    old_names, new_names = hparams.get("class_names"), model.hparams.get("class_names")
+    if old_names is not None and new_names is not None and list(old_names) != list(new_names):
+        differences.append(f"it was trained on {len(old_names)} classes ({', '.join(old_names[:2])}, ...), these "
+                           f"settings give {len(new_names)} ({', '.join(new_names[:2])}, ...)")  # fmt: skip
+    for key in ("method", "backbone", "attention"):
+        if key in hparams and hparams[key] != model.hparams.get(key):
+            differences.append(f"model.{key} was {hparams[key]!r}, now {model.hparams.get(key)!r}")
+    unfit = [k for k in ours.keys() | theirs.keys() if k not in ours or k not in theirs or
+             getattr(ours[k], "shape", None) != getattr(theirs[k], "shape", None)]  # fmt: skip
+    if unfit and not differences:
+        differences.append(f"{len(unfit)} of its tensors do not fit this network, e.g. {sorted(unfit)[:2]}")
+    if differences:
+        raise FinegrainError(
+            f"{path} does not fit these settings: {'; '.join(differences)}. Use the settings the run was trained "
+            f"with (its config.yaml under {folder}), or start a new --run_name"
+        )
 
 
 def wandb_mode() -> str:
@@ -263,6 +316,7 @@ class WandbPanels(Callback):
         self.wandb.experiment.log({"test/per_class": per_class, "test/confusion_matrix": confusion})
 
 
-def run_callbacks(run_dir: Path) -> list[Callback]:
-    """The callbacks every training command adds to the recipe's own."""
-    return [StopOnNonFiniteLoss(run_dir), CheckpointOnSigterm(run_dir), SeedEachStep(), WandbPanels()]
+def run_callbacks(run_dir: Path, checkpointing: bool = True) -> list[Callback]:
+    """The callbacks every training command adds to the recipe's own (no SIGTERM checkpoint without checkpoints)."""
+    on_sigterm = [CheckpointOnSigterm(run_dir)] if checkpointing else []
+    return [StopOnNonFiniteLoss(run_dir), *on_sigterm, SeedEachStep(), WandbPanels()]

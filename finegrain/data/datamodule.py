@@ -56,6 +56,27 @@ def square_on_bird(image: np.ndarray, record: CUBRecord, side: float) -> tuple[n
     return crop_region(image, record, x0, y0, x0 + size, y0 + size)
 
 
+MIN_IMG_SIZE = 32  # the backbones downsample 32 times
+
+
+def _check_settings(batch_size: int, eval_batch_size: int | None, num_workers: int, img_size: int | None,
+                    crop_pct: float | None) -> None:  # fmt: skip
+    """One line naming the first setting a run could not use, before any work."""
+    wrong = []
+    if batch_size < 1:
+        wrong.append(f"data.batch_size must be 1 or more, got {batch_size}")
+    if eval_batch_size is not None and eval_batch_size < 1:
+        wrong.append(f"data.eval_batch_size must be 1 or more (or null: the batch size), got {eval_batch_size}")
+    if num_workers < 0:
+        wrong.append(f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}")
+    if img_size is not None and img_size < MIN_IMG_SIZE:
+        wrong.append(f"data.img_size must be {MIN_IMG_SIZE} pixels or more (or null: the backbone's), got {img_size}")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        wrong.append(f"data.crop_pct must lie in (0, 1] (or null: the backbone's), got {crop_pct}")
+    if wrong:
+        raise FinegrainError("; ".join(wrong))
+
+
 class CUBDataset(Dataset):
     """Records -> dicts of image tensor, label, normalised box (x1, y1, x2, y2), parts and their visibility."""
 
@@ -125,6 +146,8 @@ class CUBDataModule(pl.LightningDataModule):
         synthesize: dict | None = None,
     ):
         super().__init__()
+        _check_settings(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                        img_size=img_size, crop_pct=crop_pct)  # fmt: skip
         self.root = Path(root).expanduser()
         if synthesize is not None and not (self.root / "images.txt").is_file():
             synthesize_once(self.root, synthesize)
