@@ -413,6 +413,8 @@ def check_output_path(path: Path) -> None:
         raise FinegrainError(f"--output {path} must end in {' or '.join(RESULT_SUFFIXES)}")
     if not path.parent.is_dir():
         raise FinegrainError(f"--output {path}: folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise FinegrainError(f"--output {path} is a folder; name a file in it, e.g. {path / 'results.csv'}")
 
 
 def _unique_path(folder: Path, stem: str, used: set[str]) -> Path:
