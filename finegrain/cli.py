@@ -29,6 +29,7 @@ def run_training(args: list[str]) -> None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from finegrain.bench.recipes import task_class
+    from finegrain.checkpoints import load_checkpoint
     from finegrain.data.datamodule import CUBDataModule
     from finegrain.tasks.classification import ClassificationTask
     from finegrain.training import (
@@ -109,6 +110,15 @@ def run_training(args: list[str]) -> None:
             extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
             extra = [c for c in extra if checkpointing or not isinstance(c, ModelCheckpoint)]
             return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads a checkpoint file's hyper-parameters into the config here: refuse a file that is not a
+            # safe, whole checkpoint with our one line before it does.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                load_checkpoint(ckpt_path)
+            super()._parse_ckpt_path()
 
         def _check_ckpt_path(self) -> None:
             config = self.config[self.subcommand]

@@ -235,3 +235,12 @@ def test_data_check_command_on_a_copy_with_a_broken_image(tmp_path, capsys):
     assert f"{broken}: truncated" in capsys.readouterr().out
     shutil.rmtree(root / "images")
     assert main(["data", "check", str(root)]) == 1
+
+
+def test_an_image_too_narrow_to_resize_is_a_problem_of_the_check(tmp_path):
+    root = write_cub(tmp_path / "cub")
+    strip = read_cub(root).records[0].path
+    Image.new("RGB", (2100, 100)).save(strip, format="JPEG")  # 21:1
+    report = check_cub(root)
+    assert [p for p, _ in report.broken] == [strip]
+    assert "2100x100 pixels is no photograph" in report.format()

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +79,59 @@ def test_export_errors_exit_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["export", str(checkpoint), str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_export_replaces_a_package_whole(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "m.ckpt", method="baseline", attention="none")
+    assert main(["export", str(checkpoint), str(tmp_path / "pkg"), "--onnx"]) == 0
+    assert (tmp_path / "pkg" / "model.onnx").is_file()
+    assert main(["export", str(checkpoint), str(tmp_path / "pkg")]) == 0
+    # no stale model.onnx of the earlier export beside the new weights, no temporary folders left
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["finegrain.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt", "pkg"]
+
+
+def test_export_refuses_what_is_not_a_package_folder(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "m.ckpt", method="baseline", attention="none")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    assert main(["export", str(checkpoint), str(tmp_path / "mine")]) == 2
+    assert "is a non-empty folder without finegrain.json, not a finegrain package" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(checkpoint), str(tmp_path / "file" / "pkg")]) == 2
+    assert "lies under a file" in capsys.readouterr().err
+    # a folder nobody may write to (for root, who may write anywhere else, sysfs)
+    if os.geteuid() == 0:
+        locked = Path("/sys/finegrain-package")
+    else:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        locked = tmp_path / "locked" / "pkg"
+    assert main(["export", str(checkpoint), str(locked)]) == 2
+    assert f"cannot write the package to {locked}" in capsys.readouterr().err
+
+
+def test_export_onnx_keeps_the_exporter_chatter_off_the_terminal(tmp_path, caplog):
+    checkpoint = write_checkpoint(tmp_path / "m.ckpt", method="baseline", attention="none")
+    caplog.set_level(logging.INFO)
+    assert main(["export", str(checkpoint), str(tmp_path / "pkg"), "--onnx"]) == 0
+    chatter = [r.getMessage() for r in caplog.records if r.name.startswith(("onnx", "torch.onnx"))]
+    assert chatter == []
+
+
+def test_sigterm_during_the_onnx_step_leaves_the_earlier_package(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "m.ckpt", method="racnn", attention="none")
+    package = tmp_path / "pkg"
+    assert main(["export", str(checkpoint), str(package)]) == 0
+    before = {p.name: p.read_bytes() for p in package.iterdir()}
+    process = subprocess.Popen([sys.executable, "-m", "finegrain.cli", "export", str(checkpoint), str(package),
+                                "--onnx"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".pkg.partial-*/model.safetensors")):  # the weights are written: ONNX is next
+        assert process.poll() is None and time.monotonic() < deadline, "the export ended before it could be stopped"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert {p.name: p.read_bytes() for p in package.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt", "pkg"]

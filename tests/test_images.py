@@ -325,3 +325,25 @@ def test_real_cub_orientation_zero_is_ignored():
         header_size = image.size
     assert image_size(path) == header_size
     assert load_rgb(path).shape == (header_size[1], header_size[0], 3)
+
+
+def test_an_extreme_aspect_ratio_is_refused_from_the_header(tmp_path, monkeypatch):
+    """A 201-byte 40000x1 PNG passes the pixel limit, but resizing its shorter side to 256 would need 7.9 GB."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (40_000, 1)).save(path)
+    assert path.stat().st_size < 1000
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self) or None)  # must not be reached
+    with pytest.raises(ImageDecodeError, match=r"40000x1 pixels is no photograph \(a side over 20 times the other: "
+                                               r"resizing it would need 7,864,320,000 bytes"):  # fmt: skip
+        load_rgb(path)
+    assert decoded == []
+    with pytest.raises(ImageDecodeError, match="no photograph"):
+        image_size(path)
+    monkeypatch.undo()
+    assert check_image(path).startswith("40000x1 pixels is no photograph")
+    with pytest.raises(ImageDecodeError, match="<array>: 1x30 pixels is no photograph"):
+        load_rgb(np.zeros((30, 1, 3), np.uint8))
+    with pytest.raises(ImageDecodeError, match="<PIL image>: 30x1 pixels"):
+        load_rgb(Image.new("RGB", (30, 1)))
+    assert load_rgb(np.zeros((20, 1), np.uint8)).shape == (20, 1, 3)  # 20:1 is still a (narrow) photo

@@ -27,3 +27,19 @@ def test_info_matches_the_paper_for_resnet50(attention, capsys):
     # timm's ResNet-50 strides in the 3x3 conv (ResNet v1.5), which costs 0.231 GMACs more than the paper's v1
     assert gflops - paper_gflops == pytest.approx(0.231, abs=0.003)
     assert "input size  224x224" in out
+
+
+@pytest.mark.parametrize(
+    ("recipe", "classes"), [("lite0_cub10.yaml", 10), ("demo.yaml", 10), ("baseline_cub.yaml", 200)]
+)
+def test_info_counts_the_classes_the_recipe_trains(recipe, classes, capsys):
+    assert main(["info", "--config", str(RECIPE.parent / recipe)]) == 0
+    assert f", {classes} classes" in capsys.readouterr().out
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    listed = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
+    assert set(listed) == {"fit", "validate", "test", "info", "data", "predict", "export", "bench"}

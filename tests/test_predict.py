@@ -331,3 +331,55 @@ def test_cli_errors_exit_2_with_the_fix(tmp_path, stn_checkpoint, capsys):
     assert main(["predict", str(image), "--checkpoint", str(stn_checkpoint)]) == 0
     buffer = io.StringIO(capsys.readouterr().out)
     assert buffer.readline().split() == ["image", "rank", "species", "score"]
+
+
+def test_an_image_with_a_side_over_20_times_the_other_is_skipped_and_the_rest_predicted(stn_checkpoint, tmp_path,
+                                                                                        capsys):  # fmt: skip
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo(80, 60, 0)).save(folder / "a.png")
+    Image.new("RGB", (525, 25)).save(folder / "b_strip.png")  # 21:1; a 40000x1 PNG would ask for 7.9 GB
+    Image.fromarray(photo(60, 90, 1)).save(folder / "c.png")
+    output = tmp_path / "results.json"
+    assert main(["predict", str(folder), "--checkpoint", str(stn_checkpoint), "--output", str(output)]) == 1
+    assert [Path(r["image"]).name for r in json.loads(output.read_text())] == ["a.png", "c.png"]
+    err = capsys.readouterr().err
+    assert "b_strip.png: 525x25 pixels is no photograph (a side over 20 times the other" in err
+    assert "Traceback" not in err
+
+
+def test_predict_keeps_an_earlier_output_when_nothing_was_predicted(stn_checkpoint, tmp_path, capsys):
+    output = tmp_path / "results.csv"
+    output.write_text("image,rank,class_id,label,score\nold.jpg,1,0,Plain Finch,0.9\n")
+    before = output.read_text()
+    assert main(["predict", str(tmp_path / "nosuchdir"), "--checkpoint", str(stn_checkpoint),
+                 "--output", str(output)]) == 1  # fmt: skip
+    assert output.read_text() == before
+    assert f"no image was predicted, so {output} was not written" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind
+
+
+def test_predict_says_when_top_k_exceeds_the_classes(stn_checkpoint, tmp_path, capsys):
+    Image.fromarray(photo(80, 60, 0)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(stn_checkpoint), "--top-k", "9"]) == 0
+    captured = capsys.readouterr()
+    assert "--top-k 9 is more than the model's 4 classes: listing all 4" in captured.err
+    assert captured.out.count("%") == 4
+
+
+def test_a_package_naming_fewer_classes_than_its_head_is_refused(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "m.ckpt", method="baseline", attention="none")
+    assert main(["export", str(checkpoint), str(tmp_path / "pkg")]) == 0
+    config = tmp_path / "pkg" / "finegrain.json"
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "class_names": meta["class_names"][:3]}))
+    with pytest.raises(FinegrainError, match="names 3 classes but its network scores 4"):
+        Predictor.from_checkpoint(tmp_path / "pkg")
+
+
+def test_the_weights_file_of_a_package_loads_as_its_package(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "m.ckpt", method="baseline", attention="none")
+    assert main(["export", str(checkpoint), str(tmp_path / "pkg")]) == 0
+    image = photo(80, 60, 0)
+    by_file = Predictor.from_checkpoint(tmp_path / "pkg" / "model.safetensors").predict(image)
+    assert by_file == Predictor.from_checkpoint(tmp_path / "pkg").predict(image)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from finegrain.cli import main
+from tests.conftest import CUB_ROOT, needs_cub
 
 
 def fit_args(root: Path, *extra: str, backbone: str = "test_resnet", epochs: int = 2) -> list[str]:
@@ -111,3 +114,116 @@ def test_stn_run_logs_each_part_its_boxes_and_where_they_fall(synth_root, tmp_pa
                 assert 0 <= metrics[f"{stage}/loc/{part}/{key}"] <= 1
                 assert 0 <= metrics[f"{stage}/loc/{part}/{key}_chance"] <= 1
     assert "train/part1/top1" in metrics and "train/boxes/part2/centre_spread" in metrics
+
+
+def run_files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_fit_refuses_to_replace_a_run_unless_told(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(fit_args(synth_root, epochs=1)) == 0
+    run = tmp_path / "checkpoints" / "t"
+    before = run_files(run)
+    assert main(fit_args(synth_root, epochs=1)) == 2
+    err = capsys.readouterr().err
+    assert ("finegrain: error: run 't' already has best.ckpt and last.ckpt in checkpoints/t: resume it with "
+            "--ckpt_path last, start another with --run_name NAME, or replace it with --overwrite true") in err
+    assert run_files(run) == before  # nothing written, not even W&B's run id or a log folder
+    assert main(fit_args(synth_root, "--overwrite", "true", "--seed_everything", "1", epochs=1)) == 0
+    assert (run / "last.ckpt").read_bytes() != before["last.ckpt"]
+
+
+def test_resuming_with_settings_that_do_not_fit_is_refused_before_anything_is_written(synth_root, tmp_path,
+                                                                                      monkeypatch, capsys):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert main(fit_args(synth_root, epochs=1)) == 0
+    run = tmp_path / "checkpoints" / "t"
+    before = run_files(run)
+    assert main(fit_args(synth_root, "--ckpt_path", "last", "--data.classes", "1-2", epochs=2)) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/t/last.ckpt does not fit these settings: it was trained on 4 classes" in err
+    assert "these settings give 2" in err and "Traceback" not in err
+    assert run_files(run) == before
+    assert main(fit_args(synth_root, "--ckpt_path", "last", "--model.backbone", "test_efficientnet", epochs=2)) == 2
+    assert "model.backbone was 'test_resnet', now 'test_efficientnet'" in capsys.readouterr().err
+    assert run_files(run) == before
+    test_args = ["test", *fit_args(synth_root, "--data.classes", "2-4")[1:]]
+    assert main([*test_args, "--ckpt_path", str(run / "best.ckpt")]) == 2
+    assert "best.ckpt does not fit these settings: it was trained on 4 classes" in capsys.readouterr().err
+
+
+def test_checkpoints_that_cannot_be_loaded_safely_get_one_line(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {}, "trap": Path("x")}, tmp_path / "code.ckpt")  # unpickling it would run code
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, tmp_path / "whole.ckpt")
+    data = (tmp_path / "whole.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    expected = {"code.ckpt": "is refused: it pickles Python objects (pathlib.PosixPath), so loading it would run "
+                             "code from the file", "truncated.ckpt": "is truncated or corrupt"}  # fmt: skip
+    for name, message in expected.items():
+        assert main(["test", *fit_args(synth_root)[1:], "--ckpt_path", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"finegrain: error: {tmp_path / name} {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.batch_size", "-1"], "data.batch_size must be 1 or more, got -1"),
+        (["--data.img_size", "0"], "data.img_size must be 32 pixels or more"),
+        (["--trainer.max_epochs", "0"], "trainer.max_epochs must be 1 or more (-1: no limit), got 0"),
+        (["--trainer.max_epochs", "-3"], "trainer.max_epochs must be 1 or more (-1: no limit), got -3"),
+        (["--model.bogus_lr", "1"], "--model.bogus_lr is not a setting of model; `finegrain fit --help` lists"),
+        (["--data.bogus", "1"], "unrecognized arguments: --data.bogus 1; `finegrain fit --help` lists"),
+        (["--model.lr", "abc"], "--model.lr: 'abc' is not a valid value (expected float)"),
+        (["--trainer.max_epochs", "x"], "--trainer.max_epochs: 'x' is not a valid value (expected int)"),
+    ],
+)
+def test_wrong_settings_end_in_one_line(synth_root, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(fit_args(synth_root, *extra)) == 2
+    err = capsys.readouterr().err
+    assert f"finegrain: error: {message}" in err
+    assert "Traceback" not in err and "usage:" not in err and len(err.splitlines()) <= 3
+    assert not (tmp_path / "checkpoints" / "t" / "last.ckpt").exists()
+
+
+def test_unreachable_timm_weights_end_in_one_line(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert main(fit_args(synth_root, "--model.weights", "timm")) == 2
+    err = capsys.readouterr().err
+    assert "finegrain: error: timm weights for 'test_resnet' are not in the local cache and HF_HUB_OFFLINE" in err
+    assert "Union subtypes" not in err and "Traceback" not in err
+
+
+def test_fit_without_checkpoints_when_asked(synth_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(fit_args(synth_root, "--trainer.enable_checkpointing", "false", epochs=1)) == 0
+    assert not list((tmp_path / "checkpoints" / "t").glob("*.ckpt"))
+
+
+def test_an_ordinary_resume_prints_no_lightning_notes(synth_root, tmp_path, monkeypatch):
+    """Lightning's "args and command line" and "checkpoint directory exists" warnings do not reach the user."""
+    monkeypatch.chdir(tmp_path)
+    assert main(fit_args(synth_root, epochs=1)) == 0
+    done = subprocess.run([sys.executable, "-m", "finegrain.cli", *fit_args(synth_root, "--ckpt_path", "last")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "args parameter is intended" not in done.stderr and "exists and is not empty" not in done.stderr
+
+
+@needs_cub
+def test_the_official_classes_1_to_30_train_as_downloaded(tmp_path, monkeypatch):
+    """Images 960, 999 and 1218 have official boxes that overrun their photographs: clipped, the run trains."""
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "lite0_cub10.yaml"
+    args = ["fit", "--config", str(recipe), "--data.root", str(CUB_ROOT), "--data.classes", "1-30",
+            "--data.img_size", "96", "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--run_name", "cub30"]  # fmt: skip
+    assert main(args) == 0
+    assert torch.load(tmp_path / "checkpoints" / "cub30" / "last.ckpt", weights_only=True)["global_step"] == 2
