@@ -78,7 +78,7 @@ def export_package(model: str | Path, out_dir: str | Path, onnx: bool = False) -
 
 def _check_package_target(out_dir: Path) -> None:
     """Refuse a target that is a file, or a non-empty folder that is not a finegrain package."""
-    if out_dir.is_file() or (out_dir.exists() and not out_dir.is_dir()):
+    if out_dir.exists() and not out_dir.is_dir():
         raise FinegrainError(f"{out_dir} is a file; pass a folder for the package")
     if any(parent.is_file() for parent in out_dir.parents):
         raise FinegrainError(f"{out_dir} lies under a file; pass a folder path for the package")

@@ -383,3 +383,11 @@ def test_the_weights_file_of_a_package_loads_as_its_package(tmp_path):
     image = photo(80, 60, 0)
     by_file = Predictor.from_checkpoint(tmp_path / "pkg" / "model.safetensors").predict(image)
     assert by_file == Predictor.from_checkpoint(tmp_path / "pkg").predict(image)
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_any_work(stn_checkpoint, tmp_path, capsys):
+    Image.fromarray(photo(80, 60, 0)).save(tmp_path / "a.png")
+    (tmp_path / "results.csv").mkdir()
+    args = ["predict", str(tmp_path / "a.png"), "--checkpoint", str(stn_checkpoint), "--output"]
+    assert main([*args, str(tmp_path / "results.csv")]) == 2
+    assert "results.csv is a folder; name a file in it" in capsys.readouterr().err
