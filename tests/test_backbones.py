@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from finegrain.errors import FinegrainError
 from finegrain.models import backbones
-from finegrain.models.backbones import EMBEDDED_LITE0, create_backbone, load_weights, preprocessing_config
+from finegrain.models.backbones import EMBEDDED_LITE0, create_backbone, preprocessing_config
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -121,7 +121,12 @@ def test_timm_weights_come_from_cache_without_probe(offline_hub, tmp_path):
     assert offline_hub == []
 
 
-@pytest.mark.parametrize("fmt", ["plain.pth", "nested.pt", "plain.safetensors"])
+def _same_weights(model: torch.nn.Module, source: torch.nn.Module, skip: str = "~") -> bool:
+    ours = model.state_dict()
+    return all(torch.equal(ours[k], v) for k, v in source.state_dict().items() if not k.startswith(skip))
+
+
+@pytest.mark.parametrize("fmt", ["plain.pth", "nested.pt", "compiled.bin", "ema.pth", "plain.safetensors"])
 def test_local_file_round_trip(tmp_path, fmt):
     source = timm.create_model("test_resnet", num_classes=5)
     path = tmp_path / fmt
@@ -130,36 +135,56 @@ def test_local_file_round_trip(tmp_path, fmt):
     elif fmt == "nested.pt":  # a training checkpoint of a DataParallel model
         wrapped = {f"module.{k}": v for k, v in source.state_dict().items()}
         torch.save({"epoch": 3, "state_dict": wrapped}, path)
+    elif fmt == "compiled.bin":  # saved from torch.compile(model)
+        torch.save({f"_orig_mod.{k}": v for k, v in source.state_dict().items()}, path)
+    elif fmt == "ema.pth":  # timm's training checkpoint: its EMA weights are the ones to use
+        other = timm.create_model("test_resnet", num_classes=5).state_dict()
+        torch.save({"state_dict": other, "state_dict_ema": source.state_dict()}, path)
     else:
         torch.save(source.state_dict(), path)
     model = create_backbone("test_resnet", weights=str(path), num_classes=5)
+    assert _same_weights(model, source)  # bit-identical, classifier included
+    assert torch.equal(_outputs(model), _outputs(source))
+    assert "state_dict" not in model.pretrained_cfg  # timm's copy of the weights is not kept
+
+
+def test_local_file_without_batchnorm_counters_loads(tmp_path):
+    source = timm.create_model("test_efficientnet", num_classes=3)
+    weights = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(weights, tmp_path / "w.safetensors")
+    model = create_backbone("test_efficientnet", weights=str(tmp_path / "w.safetensors"), num_classes=3)
+    assert _same_weights(model, source)
     assert torch.equal(_outputs(model), _outputs(source))
 
 
-@pytest.mark.parametrize("num_classes", [0, 7])
-def test_local_file_classifier_of_other_size_is_dropped(tmp_path, num_classes):
-    source = timm.create_model("test_resnet", num_classes=1000)
+@pytest.mark.parametrize(("file_classes", "num_classes"), [(1000, 0), (1000, 7), (0, 7)])
+def test_local_file_classifier_of_other_size_is_dropped(tmp_path, file_classes, num_classes):
+    source = timm.create_model("test_resnet", num_classes=file_classes)
     torch.save(source.state_dict(), tmp_path / "w.pth")
+    torch.manual_seed(0)
     model = create_backbone("test_resnet", weights=str(tmp_path / "w.pth"), num_classes=num_classes)
-    features = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in features.items())
+    torch.manual_seed(0)
+    fresh = timm.create_model("test_resnet", num_classes=num_classes)
+    assert _same_weights(model, source, skip="fc.")  # the features are the file's
     assert model.num_classes == num_classes
+    if num_classes:  # the classifier is timm's random one, as without weights
+        assert torch.equal(model.fc.weight, fresh.fc.weight) and torch.equal(model.fc.bias, fresh.fc.bias)
 
 
-def test_other_architecture_does_not_load(tmp_path):
+@pytest.mark.parametrize("num_classes", [0, 1000])  # timm drops the file's classifier / loads strictly
+def test_other_architecture_does_not_load(tmp_path, num_classes):
     torch.save(timm.create_model("test_efficientnet").state_dict(), tmp_path / "w.pth")
-    with pytest.raises(FinegrainError, match=r"fit test_resnet \(missing conv1\.0\.weight.*; unexpected"):
-        create_backbone("test_resnet", weights=str(tmp_path / "w.pth"))
+    pattern = r"^weights file \S+ does not fit test_resnet \(missing conv1\.0\.weight.*; unexpected conv_stem\."
+    with pytest.raises(FinegrainError, match=pattern) as err:
+        create_backbone("test_resnet", weights=str(tmp_path / "w.pth"), num_classes=num_classes)
+    assert "\n" not in str(err.value) and "(+" in str(err.value)  # one line, the first few keys
 
 
-def test_wrong_shape_outside_classifier_does_not_load():
-    model = timm.create_model("test_resnet")
-    state = timm.create_model("test_resnet", in_chans=1).state_dict()
-    before = model.conv1[0].weight.clone()
-    only_conv1 = r"^my file does not fit test_resnet \(wrong shape conv1\.0\.weight\);"
+def test_wrong_shape_outside_classifier_does_not_load(tmp_path):
+    torch.save(timm.create_model("test_resnet", in_chans=1).state_dict(), tmp_path / "w.pth")
+    only_conv1 = r"^weights file \S+ does not fit test_resnet \(wrong shape conv1\.0\.weight\);"
     with pytest.raises(FinegrainError, match=only_conv1):
-        load_weights(model, state, "my file")
-    assert torch.equal(model.conv1[0].weight, before)  # nothing loaded
+        create_backbone("test_resnet", weights=str(tmp_path / "w.pth"))
 
 
 @pytest.mark.parametrize(("filename", "content", "message"), [
@@ -167,18 +192,26 @@ def test_wrong_shape_outside_classifier_does_not_load():
     ("w.ckpt", b"x", r"is not a \.pth/\.pt/\.bin/\.safetensors file"),
     ("garbage.pth", b"not a checkpoint", "could not be read as a state dict"),
     ("garbage.safetensors", b"not a checkpoint", "could not be read as a state dict"),
+    ("truncated.pth", "truncated", "could not be read as a state dict"),
+    ("module.pth", "module", "could not be read as a state dict"),
 ])  # fmt: skip
 def test_bad_weights_file(tmp_path, filename, content, message):
-    if content is not None:
+    if content == "module":  # a pickled model: code, that torch.load(weights_only=True) refuses to run
+        torch.save(timm.create_model("test_resnet"), tmp_path / filename)
+    elif content == "truncated":
+        torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "whole.pth")
+        (tmp_path / filename).write_bytes((tmp_path / "whole.pth").read_bytes()[:1000])
+    elif content is not None:
         (tmp_path / filename).write_bytes(content)
     with pytest.raises(FinegrainError, match=message):
         create_backbone("test_resnet", weights=str(tmp_path / filename))
 
 
-def test_file_without_state_dict(tmp_path):
-    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+@pytest.mark.parametrize("content", [[torch.zeros(1)], torch.zeros(1), {"epoch": 3, "lr": 0.1}, {"model": "resnet"}])
+def test_file_without_state_dict(tmp_path, content):
+    torch.save(content, tmp_path / "w.pth")
     with pytest.raises(FinegrainError, match="holds no state dict"):
-        create_backbone("test_resnet", weights=str(tmp_path / "list.pth"))
+        create_backbone("test_resnet", weights=str(tmp_path / "w.pth"))
 
 
 @pytest.mark.parametrize("make", [create_backbone, preprocessing_config])

