@@ -1,15 +1,24 @@
-"""Reading a Lightning checkpoint file safely: tensors and plain types only, and one line for every way it can fail."""
+"""Checkpoint files: read safely (tensors and plain types only, one line for every way a file can fail), written
+atomically, never replaced by accident, and read in every format finegrain has written."""
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from finegrain.errors import FinegrainError
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FIX = "pass a .ckpt written by `finegrain fit` (checkpoints/<run_name>/best.ckpt) or a folder written by " \
                  "`finegrain export`"  # fmt: skip
@@ -52,3 +61,84 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FinegrainError(f"{path} is not a training checkpoint (it holds a {type(checkpoint).__name__}); "
                              f"{CHECKPOINT_FIX}")  # fmt: skip
     return checkpoint
+
+
+# Before networks were given by class_path (commit 90c476b and earlier), the task took the network's arguments
+# itself, plus `method` and `method_args`.
+_OLD_NETWORK_KEYS = ("backbone", "weights", "attention", "attention_stages", "drop_rate")
+
+
+def network_spec(hparams: dict, source: Path | str) -> dict:
+    """`{"class_path", "init_args"}` of the network a checkpoint's hyper-parameters (or a package config) describe,
+    in today's form whichever finegrain wrote them."""
+    from finegrain.models.registry import METHOD_CLASS_PATHS
+
+    if isinstance(hparams.get("network"), dict) and "class_path" in hparams["network"]:
+        spec = hparams["network"]
+        return {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
+    method = hparams.get("method")
+    if method not in METHOD_CLASS_PATHS:
+        raise FinegrainError(f"{source} names no network this finegrain knows (method {method!r}); {CHECKPOINT_FIX}")
+    init_args = {k: hparams[k] for k in ("num_classes", *_OLD_NETWORK_KEYS) if k in hparams}
+    init_args.update(hparams.get("network") if isinstance(hparams.get("network"), dict) else {})  # packages v1
+    init_args.update(hparams.get("method_args") or {})
+    if init_args.pop("box_gradient", "autograd") != "autograd":
+        raise FinegrainError(f"{source} was trained with box_gradient {hparams['method_args']['box_gradient']!r}, an "
+                             "experiment that left finegrain (docs/benchmarks.md names the commit that has it); "
+                             "train it again without")  # fmt: skip
+    init_args.pop("box_step", None)
+    return {"class_path": METHOD_CLASS_PATHS[method], "init_args": init_args}
+
+
+RUN_CHECKPOINTS = ("best.ckpt", "last.ckpt")
+
+
+def prepare_run_dir(folder: Path, run_name: str, ckpt_path: str | None, overwrite: bool) -> None:
+    """Before `fit` writes anything: refuse to replace an earlier run's checkpoints unless resuming it or told to
+    overwrite (then they are removed first, so no checkpoint of the old run survives beside the new run's)."""
+    existing = [folder / name for name in RUN_CHECKPOINTS if (folder / name).is_file()]
+    if not existing or os.environ.get("LOCAL_RANK", "0") != "0":  # DDP ranks > 0 re-run the command line
+        return
+    resuming = ckpt_path is not None and (ckpt_path in ("last", "best") or Path(ckpt_path).parent.resolve() ==
+                                          folder.resolve())  # fmt: skip
+    if resuming:
+        return
+    if not overwrite:
+        names = " and ".join(path.name for path in existing)
+        raise FinegrainError(f"run {run_name!r} already has {names} in {folder}: resume it with --ckpt_path last, "
+                             "start another with --run_name NAME, or replace it with --overwrite true")  # fmt: skip
+    for path in existing:
+        path.unlink()
+    log.warning("--overwrite: removed the earlier %s of run %r", " and ".join(p.name for p in existing), run_name)
+
+
+def check_checkpoint_fits(ckpt_path: str, folder: Path, model: pl.LightningModule) -> None:
+    """Before a run resumes from (or evaluates) a checkpoint and before it writes anything: the checkpoint must have
+    been trained with the classes and network these settings give."""
+    path = folder / f"{ckpt_path}.ckpt" if ckpt_path in ("last", "best") else Path(ckpt_path)
+    if ckpt_path in ("last", "best") and not path.is_file():
+        raise FinegrainError(f"--ckpt_path {ckpt_path}: there is no {path} to start from; train the run first, or "
+                             "drop --ckpt_path to start a new one")  # fmt: skip
+    checkpoint = load_checkpoint(path)
+    theirs, hparams = checkpoint.get("state_dict"), checkpoint.get("hyper_parameters") or {}
+    if not isinstance(theirs, dict):
+        raise FinegrainError(f"{path} holds no state_dict; {CHECKPOINT_FIX}")
+    ours, differences = model.state_dict(), []
+    old_names, new_names = hparams.get("class_names"), model.hparams.get("class_names")
+    if old_names is not None and new_names is not None and list(old_names) != list(new_names):
+        differences.append(f"it was trained on {len(old_names)} classes ({', '.join(old_names[:2])}, ...), these "
+                           f"settings give {len(new_names)} ({', '.join(new_names[:2])}, ...)")  # fmt: skip
+    old, new = network_spec(hparams, path), model.hparams.get("network") or {}
+    for key in ("class_path", "backbone", "attention"):
+        before, now = old.get(key, old["init_args"].get(key)), new.get(key, new.get("init_args", {}).get(key))
+        if before != now:
+            differences.append(f"model.network's {key} was {before!r}, now {now!r}")
+    unfit = [k for k in ours.keys() | theirs.keys() if k not in ours or k not in theirs or
+             getattr(ours[k], "shape", None) != getattr(theirs[k], "shape", None)]  # fmt: skip
+    if unfit and not differences:
+        differences.append(f"{len(unfit)} of its tensors do not fit this network, e.g. {sorted(unfit)[:2]}")
+    if differences:
+        raise FinegrainError(
+            f"{path} does not fit these settings: {'; '.join(differences)}. Use the settings the run was trained "
+            f"with (its config.yaml under {folder}), or start a new --run_name"
+        )

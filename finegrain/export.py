@@ -1,9 +1,9 @@
 """`finegrain export`: a self-contained package (weights + JSON config) and, optionally, an ONNX graph.
 
-Package layout (format version 1):
+Package layout (format version 2; finegrain.package reads version 1 too):
 - model.safetensors: the network's state dict.
-- finegrain.json: {"format", "format_version", "method", "network" (build_network arguments), "class_names",
-  "preprocessing" (eval resize/crop/normalisation), "onnx" (input and output names, when exported)}.
+- finegrain.json: {"format", "format_version", "network" ({"class_path", "init_args"}, as in a recipe),
+  "class_names", "preprocessing" (eval resize/crop/normalisation), "onnx" (input and output names, when exported)}.
 - model.onnx (--onnx): input "images" (B, 3, S, S) preprocessed as finegrain.json says; outputs "logits" (B, C)
   and "boxes.<branch>" (B, 4) normalised xyxy in the input, one per branch with a box.
 """
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
-from finegrain.predict import PACKAGE_CONFIG, PACKAGE_ONNX, PACKAGE_WEIGHTS, Predictor
+from finegrain.package import PACKAGE_CONFIG, PACKAGE_ONNX, PACKAGE_WEIGHTS
+from finegrain.predict import Predictor
 
 ONNX_OPSET = 18  # GridSample (the crops) needs >= 16
 ONNX_INPUT = "images"

@@ -1,322 +1,273 @@
-"""What every `finegrain fit|validate|test` run gets around LightningCLI: its loggers (CSV, W&B decided up front),
-callbacks that keep a run recoverable (SIGTERM checkpoint, non-finite loss stop, per-step seeds), W&B panels, and
-checkpoints written atomically."""
+"""Training runs: `finegrain fit|validate|test` through LightningCLI, and `fit_and_test` for the benchmarks.
+
+A recipe is YAML read after the built-in base (configs/base.yaml: seed, W&B logger); recipes ship inside the
+package, so `--config racnn_cub` names the built-in one from any installed copy and a path names a user's own.
+"""
 
 from __future__ import annotations
 
-import logging
-import netrc
-import os
-import secrets
+import argparse
+import re
+import sys
+import time
+import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
-import numpy as np
-import pytorch_lightning as pl
-import torch
-from lightning_fabric.plugins import TorchCheckpointIO
-from lightning_fabric.utilities.rank_zero import rank_zero_only
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.cli import SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-from torchmetrics.classification import MulticlassConfusionMatrix
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from finegrain.checkpoints import CHECKPOINT_FIX, load_checkpoint
+from finegrain.callbacks import AtomicCheckpointIO, SaveFullConfig, choose_loggers, configure_wandb, run_callbacks
+from finegrain.checkpoints import check_checkpoint_fits, load_checkpoint, prepare_run_dir
+from finegrain.data.datamodule import CUBDataModule
 from finegrain.errors import FinegrainError
-from finegrain.models import ModelOutput
-from finegrain.models.geometry import box_to_transform, crop
+from finegrain.models.backbones import preprocessing_config
+from finegrain.tasks.classification import ClassificationTask
 
-log = logging.getLogger(__name__)
-
-WANDB_ID_FILE = "wandb_id"  # in the run dir: a resumed run logs into the same W&B run
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary sibling and renames it into place: a crash while saving leaves the
-    previous checkpoint whole instead of a truncated one."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if "://" in str(path):  # remote storage: fsspec's own write
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+CONFIGS = Path(__file__).resolve().parent / "configs"
+BASE_CONFIG = CONFIGS / "base.yaml"
+CHECKPOINT_ROOT = Path("checkpoints")
+DEFAULT_TASK = "finegrain.tasks.classification.ClassificationTask"
+# model keys of recipes written before the network was given by class_path, and where they went
+MOVED_MODEL_KEYS = ("method", "method_args", "backbone", "weights", "attention", "attention_stages", "drop_rate")
 
 
-RUN_CHECKPOINTS = ("best.ckpt", "last.ckpt")
+def run_dir(run_name: str) -> str:
+    """Where a run's checkpoints, config and logs go."""
+    return str(CHECKPOINT_ROOT / run_name)
 
 
-def prepare_run_dir(folder: Path, run_name: str, ckpt_path: str | None, overwrite: bool) -> None:
-    """Before `fit` writes anything: refuse to replace an earlier run's checkpoints unless resuming it or told to
-    overwrite (then they are removed first, so no checkpoint of the old run survives beside the new run's)."""
-    existing = [folder / name for name in RUN_CHECKPOINTS if (folder / name).is_file()]
-    if not existing or os.environ.get("LOCAL_RANK", "0") != "0":  # DDP ranks > 0 re-run the command line
-        return
-    resuming = ckpt_path is not None and (ckpt_path in ("last", "best") or Path(ckpt_path).parent.resolve() ==
-                                          folder.resolve())  # fmt: skip
-    if resuming:
-        return
-    if not overwrite:
-        names = " and ".join(path.name for path in existing)
-        raise FinegrainError(f"run {run_name!r} already has {names} in {folder}: resume it with --ckpt_path last, "
-                             "start another with --run_name NAME, or replace it with --overwrite true")  # fmt: skip
-    for path in existing:
-        path.unlink()
-    log.warning("--overwrite: removed the earlier %s of run %r", " and ".join(p.name for p in existing), run_name)
+def resolve_config(name: str) -> str:
+    """A recipe path as given, or a built-in recipe by name (`racnn_cub`, `racnn_cub.yaml`, `bench/stn`)."""
+    if Path(name).exists():
+        return name
+    builtin = CONFIGS / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if builtin.is_file():
+        return str(builtin)
+    builtin = CONFIGS / Path(name).name  # configs/X.yaml of a source checkout, from anywhere
+    if Path(name).parent.name == "configs" and builtin.is_file():
+        return str(builtin)
+    names = ", ".join(builtin_recipes())
+    raise FinegrainError(f"recipe {name} not found; pass a YAML file or a built-in recipe: {names}")
 
 
-def check_checkpoint_fits(ckpt_path: str, folder: Path, model: pl.LightningModule) -> None:
-    """Before a run resumes from (or evaluates) a checkpoint and before it writes anything: the checkpoint must have
-    been trained with the classes and network these settings give."""
-    path = folder / f"{ckpt_path}.ckpt" if ckpt_path in ("last", "best") else Path(ckpt_path)
-    if ckpt_path in ("last", "best") and not path.is_file():
-        raise FinegrainError(f"--ckpt_path {ckpt_path}: there is no {path} to start from; train the run first, or "
-                             "drop --ckpt_path to start a new one")  # fmt: skip
-    checkpoint = load_checkpoint(path)
-    theirs, hparams = checkpoint.get("state_dict"), checkpoint.get("hyper_parameters") or {}
-    if not isinstance(theirs, dict):
-        raise FinegrainError(f"{path} holds no state_dict; {CHECKPOINT_FIX}")
-    ours, differences = model.state_dict(), []
-    old_names, new_names = hparams.get("class_names"), model.hparams.get("class_names")
-    if old_names is not None and new_names is not None and list(old_names) != list(new_names):
-        differences.append(f"it was trained on {len(old_names)} classes ({', '.join(old_names[:2])}, ...), these "
-                           f"settings give {len(new_names)} ({', '.join(new_names[:2])}, ...)")  # fmt: skip
-    for key in ("method", "backbone", "attention"):
-        if key in hparams and hparams[key] != model.hparams.get(key):
-            differences.append(f"model.{key} was {hparams[key]!r}, now {model.hparams.get(key)!r}")
-    unfit = [k for k in ours.keys() | theirs.keys() if k not in ours or k not in theirs or
-             getattr(ours[k], "shape", None) != getattr(theirs[k], "shape", None)]  # fmt: skip
-    if unfit and not differences:
-        differences.append(f"{len(unfit)} of its tensors do not fit this network, e.g. {sorted(unfit)[:2]}")
-    if differences:
-        raise FinegrainError(
-            f"{path} does not fit these settings: {'; '.join(differences)}. Use the settings the run was trained "
-            f"with (its config.yaml under {folder}), or start a new --run_name"
-        )
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml") if p != BASE_CONFIG)
 
 
-def wandb_mode() -> str:
-    """WANDB_MODE if set, else online when logged in (WANDB_API_KEY or a netrc entry for the W&B host), else
-    offline. Decided before wandb.init, which would retry for 90 s without a network or a key."""
-    if mode := os.environ.get("WANDB_MODE"):
-        return "offline" if mode == "dryrun" else mode
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+def with_base(args: list[str]) -> list[str]:
+    """The base config first, then `args` with every --config resolved (built-in names included)."""
+    resolved, given = [], iter(args)
+    for arg in given:
+        if arg == "--config":
+            resolved += [arg, resolve_config(next(given, ""))]
+        elif arg.startswith("--config="):
+            resolved.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            resolved.append(arg)
+    return ["--config", str(BASE_CONFIG), *resolved]
+
+
+def network_preprocessing(network) -> dict | None:
+    """The eval preprocessing of the network a recipe names: timm's data config of its backbone, if it has one."""
+    backbone = getattr(getattr(network, "init_args", None), "backbone", None)
+    return preprocessing_config(backbone) if isinstance(backbone, str) else None
+
+
+class FinegrainArgumentParser(LightningArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "exit_on_error": False})  # errors become one line (parser_message)
+
+
+class FinegrainCLI(LightningCLI):
+    """LightningCLI with a run folder per run_name, the links data <-> network, W&B decided up front, last.ckpt
+    every epoch, atomic checkpoint writes and the callbacks that keep a run recoverable."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", default="run", help="checkpoints and logs go to checkpoints/<run_name>/")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: replace the checkpoints of an earlier run of this run_name")  # fmt: skip
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/top1",
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "best",
+            "checkpoint.save_last": False,  # see `latest` in instantiate_trainer
+            "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.enable_version_counter": False,
+        })  # fmt: skip
+        parser.link_arguments("run_name", "checkpoint.dirpath", compute_fn=run_dir)
+        # model: ClassificationTask's arguments, or another task (RA-CNN's) by class_path; its network by class_path.
+        parser.set_defaults({"model": {"class_path": DEFAULT_TASK}})
+        # one way: the network's backbone gives the data its preprocessing; the data gives the network its classes
+        parser.link_arguments("model.init_args.network", "data.preprocessing", compute_fn=network_preprocessing)
+        parser.link_arguments("data.num_classes", "model.init_args.network.init_args.num_classes",
+                              apply_on="instantiate")  # fmt: skip
+        for name in ("class_names", "preprocessing"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    @property
+    def run_config(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self.run_config
+        max_epochs = config.trainer.max_epochs
+        if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
+            raise FinegrainError(f"trainer.max_epochs must be 1 or more (-1: no limit), got {max_epochs}")
+        folder = Path(run_dir(config.run_name))
+        if self.subcommand in ("fit", None):  # before anything is written to the run's folder
+            prepare_run_dir(folder, config.run_name, config.get("ckpt_path"), config.overwrite)
+        from jsonargparse.typing import import_object
+
+        task = import_object(config.model.class_path)
+        if task.leaves_parameters_unused and config.trainer.strategy == "ddp":
+            config.trainer.strategy = "ddp_find_unused_parameters_true"
+            print(f"finegrain: {task.__name__} leaves some parameters without gradients in a step: strategy "
+                  "ddp -> ddp_find_unused_parameters_true", file=sys.stderr)  # fmt: skip
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        resuming = self.subcommand not in ("fit", None) or config.get("ckpt_path") is not None
+        for logger in loggers:
+            if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+                logger.init_args = type(logger.init_args)(**configure_wandb(
+                    vars(logger.init_args), folder, config.run_name, resuming))  # fmt: skip
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.run_config
+        trainer = self.config_init[self.subcommand].trainer if self.subcommand else self.config_init.trainer
+        folder = Path(run_dir(config.run_name))
+        checkpointing = trainer.enable_checkpointing is not False
+        # CSV logs beside the checkpoints of the same run (not in a stray lightning_logs/), plus W&B if asked.
+        kwargs["logger"] = choose_loggers(trainer.logger, folder)
+        if trainer.default_root_dir is None:  # without a logger, Lightning writes config.yaml to the cwd
+            kwargs["default_root_dir"] = str(folder)
+        # `last.ckpt` every epoch: Lightning's save_last only writes when the best checkpoint changed.
+        latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
+                                 enable_version_counter=False)  # fmt: skip
+        recipe_callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+        # the learning-rate monitor needs a logger to write to: none with `--trainer.logger false`
+        monitor = [LearningRateMonitor(logging_interval="epoch")] if kwargs["logger"] else []
+        kwargs["callbacks"] = [*filter(None, recipe_callbacks), *([latest] if checkpointing else []), *monitor,
+                               *run_callbacks(folder, checkpointing)]  # fmt: skip
+        plugins = trainer.plugins if isinstance(trainer.plugins, list) else [trainer.plugins]
+        kwargs["plugins"] = [*filter(None, plugins), AtomicCheckpointIO()]
+        # the `checkpoint` section's best.ckpt, unless `--trainer.enable_checkpointing false` says no checkpoints
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        extra = [c for c in extra if checkpointing or not isinstance(c, ModelCheckpoint)]
+        return self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads a checkpoint file's hyper-parameters into the config here: refuse a file that is not a
+        # safe, whole checkpoint with our one line before it does.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        config = self.run_config
+        if config.ckpt_path is not None:
+            check_checkpoint_fits(config.ckpt_path, Path(run_dir(config.run_name)), self.model)
+
+    before_fit = before_validate = before_test = _check_ckpt_path
+
+
+def build_cli(args: list[str], run: bool = True) -> FinegrainCLI:
+    """LightningCLI over `args` (base config first); parser and build errors as one FinegrainError line."""
+    # Lightning's notes for a caller that passes `args` (we always do) and for a run folder that exists (checked
+    # in before_instantiate_classes: prepare_run_dir).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    command = args[0] if run and args else "fit"
+    args = [*args[:1], *with_base(args[1:])] if run else with_base(args)
     try:
-        logged_in = netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        logged_in = False
-    return "online" if logged_in else "offline"
+        return FinegrainCLI(ClassificationTask, CUBDataModule, args=args, run=run, subclass_mode_model=True,
+                            save_config_callback=SaveFullConfig, save_config_kwargs={"overwrite": True},
+                            parser_class=FinegrainArgumentParser,
+                            parser_kwargs={"description": "Train and evaluate finegrain recipes.",
+                                           "default_env": False})  # fmt: skip
+    except argparse.ArgumentError as e:
+        raise FinegrainError(parser_message(str(e), command)) from None
+    except Exception as e:
+        # jsonargparse wraps what a class raised while it was built (a FinegrainError of the data module or task)
+        # in its own union-type error: report the user's error alone.
+        cause = e
+        while cause is not None and not isinstance(cause, FinegrainError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
-def configure_wandb(init_args: dict, run_dir: Path, run_name: str, resuming: bool) -> dict:
-    """WandbLogger arguments completed for this run: its folder, name, persisted run id and mode."""
-    offline = bool(init_args.get("offline")) or wandb_mode() != "online"
-    if offline:
-        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # no error reports to an unreachable server
-        os.environ.setdefault("WANDB_SILENT", "true")  # the one line of WandbPanels says where the run went
-    return {
-        **init_args,
-        "save_dir": str(run_dir) if init_args.get("save_dir") in (None, ".") else init_args["save_dir"],
-        "name": init_args.get("name") or run_name,
-        "id": init_args.get("id") or wandb_run_id(run_dir, resuming),
-        "offline": offline,
-        "log_model": init_args.get("log_model", False) and not offline,  # artifacts need the server
-    }
+def run_training(args: list[str]) -> None:
+    """`finegrain fit|validate|test --config RECIPE [--section.key value ...]`."""
+    import signal
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    try:
+        build_cli(args)
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)  # pre-empted, last.ckpt saved: not a success for the scheduler
+    finally:
+        finish_wandb()
 
 
-def wandb_run_id(run_dir: Path, resuming: bool) -> str:
-    """The run's W&B id: the stored one when resuming (or testing) a run, else a new one, stored by rank 0."""
-    path = run_dir / WANDB_ID_FILE
-    if resuming and path.is_file():
-        return path.read_text().strip()
-    run_id = secrets.token_hex(4)
-    if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
-    return run_id
+def fit_and_test(args: list[str]) -> dict:
+    """Train a recipe (`args` as `finegrain fit` takes them, without the subcommand), then test its best checkpoint
+    (the last one without validation); the test metrics, the best validation top-1 and the times."""
+    try:
+        cli = build_cli([*args, "--overwrite", "true"], run=False)
+        started = time.perf_counter()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        fit_seconds = time.perf_counter() - started
+        best = cli.trainer.checkpoint_callback
+        checkpoint = Path(best.best_model_path) if best and best.best_model_path else None
+        best_val = float(best.best_model_score) if best and best.best_model_score is not None else None
+        if checkpoint is None or not checkpoint.is_file():
+            checkpoint = Path(run_dir(cli.config.run_name)) / "last.ckpt"
+        started = time.perf_counter()
+        (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
+        test_seconds = time.perf_counter() - started
+    finally:
+        finish_wandb()
+    return {"run": run_dir(cli.config.run_name), "checkpoint": checkpoint.name, "fit_seconds": fit_seconds,
+            "test_seconds": test_seconds, "best_val_top1": best_val, "metrics": dict(metrics)}  # fmt: skip
 
 
-def choose_loggers(logger: Logger | list | bool | None, run_dir: Path) -> list[Logger] | bool:
-    """CSV logs beside the checkpoints for every run (unless `--trainer.logger false`), plus any logger asked for."""
-    if logger is False:
-        return False
-    csv = CSVLogger(save_dir=str(run_dir), name="logs")
-    if logger is None or logger is True:
-        return [csv]
-    others = list(logger) if isinstance(logger, list | tuple) else [logger]
-    return [csv, *[other for other in others if not isinstance(other, CSVLogger)]]
+def finish_wandb() -> None:
+    if "wandb" in sys.modules:  # one W&B run per command, also when commands run in one process
+        sys.modules["wandb"].finish()
+        # and its own W&B service: a service left running stays in WANDB_SERVICE, where every later command
+        # and child process (a resumed run, a DDP rank) would join it and find its runs still "in use"
+        sys.modules["wandb"].teardown()
 
 
-def find_wandb(trainer: pl.Trainer) -> WandbLogger | None:
-    return next((logger for logger in trainer.loggers if isinstance(logger, WandbLogger)), None)
-
-
-class SaveFullConfig(SaveConfigCallback):
-    """Saves the resolved config beside the logs and sends all of it to W&B as the run's hyper-parameters."""
-
-    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if (wandb_logger := find_wandb(trainer)) is not None:
-            wandb_logger.log_hyperparams(self.config.as_dict())
-
-
-class StopOnNonFiniteLoss(Callback):
-    """Stops before a NaN/inf loss reaches the weights, so that last.ckpt stays the last good state.
-
-    Every rank takes part in the decision, so that DDP ranks stop together instead of waiting on each other.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            raise FinegrainError(
-                f"the training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}):"
-                f" training stopped before that update; the last good checkpoint is {self.run_dir / 'last.ckpt'}."
-                " Lower model.lr or use precision 32, then resume with --ckpt_path last"
+def parser_message(message: str, command: str) -> str:
+    """jsonargparse's many-line error (union subtypes, NestedArg, given value types) -> one line with the fix."""
+    help_hint = f"`finegrain {command} --help` lists the options"
+    key = re.search(r'Parser key "([^"]+)"', message)
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    if key and option:
+        name = option.group(1)
+        if key.group(1) == "model" and name in MOVED_MODEL_KEYS:
+            return (
+                f"model.{name} is a setting of the network now: write it under model.network.init_args "
+                "(method baseline/stn/racnn: model.network.class_path finegrain.models.Classifier/STCNN/RACNN; "
+                "method_args go into init_args too); the built-in recipes show the form"
             )
-
-
-class CheckpointOnSigterm(Callback):
-    """Cluster pre-emption (SIGTERM): Lightning finishes the current batch and stops; this saves last.ckpt
-    first, so that `--ckpt_path last` continues from that batch."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "last.ckpt"
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.training:
-            trainer.save_checkpoint(self.path)
-            log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last", self.path, trainer.global_step)
-
-
-class SeedEachStep(Callback):
-    """Seeds torch before every training step from (run seed, step, rank): dropout and any other randomness in the
-    model then does not depend on RNG state that checkpoints do not keep, so a resumed run matches an
-    uninterrupted one. (Data order and augmentation follow (seed, epoch) through the data module's sampler.)"""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.seed = torch.initial_seed() % 2**31
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        step_seed = np.random.SeedSequence([self.seed, trainer.global_step, trainer.global_rank]).generate_state(1)
-        torch.manual_seed(int(step_seed[0]))
-
-
-def to_pixels(images: torch.Tensor, preprocessing: dict) -> np.ndarray:
-    """Normalised (B, 3, H, W) tensors -> (B, H, W, 3) uint8 for display."""
-    mean = torch.tensor(preprocessing["mean"], device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing["std"], device=images.device).view(1, 3, 1, 1)
-    pixels = (images.float() * std + mean).clamp(0, 1) * 255
-    return pixels.round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-class WandbPanels(Callback):
-    """With a WandbLogger: every `every_n_epochs` a panel of validation images with the ground-truth box and each
-    branch's box (ModelOutput.boxes) and that branch's crop of the input; at test, per-class accuracy and the
-    confusion matrix (summed over ranks). Reads the network's outputs through a forward hook: no extra forward."""
-
-    def __init__(self, every_n_epochs: int = 5, num_images: int = 8, crop_size: int = 128):
-        self.every_n_epochs = every_n_epochs
-        self.num_images = num_images
-        self.crop_size = crop_size
-        self.output: ModelOutput | None = None
-        self.hook = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.wandb = find_wandb(trainer)
-        if self.wandb is None:
-            return
-        if trainer.is_global_zero and self.wandb._offline and os.environ.get("WANDB_MODE") != "disabled":
-            run_dir = Path(self.wandb.experiment.dir).parent
-            log.warning("W&B offline (no API key, or WANDB_MODE=offline): run written to %s; upload it with "
-                        "`wandb sync %s`", run_dir, run_dir)  # fmt: skip
-        self.hook = getattr(pl_module, "network", pl_module).register_forward_hook(self._keep_output)
-        self.confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes).to(pl_module.device)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook, self.output = None, None
-
-    def _keep_output(self, module, inputs, output) -> None:
-        if isinstance(output, ModelOutput):
-            self.output = output
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        epoch = trainer.current_epoch
-        due = epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs - 1
-        if self.hook is None or batch_idx != 0 or trainer.sanity_checking or not due or not trainer.is_global_zero:
-            return
-        self.log_boxes(pl_module, batch, self.output, trainer.global_step)
-
-    def log_boxes(self, pl_module: pl.LightningModule, batch: dict, output: ModelOutput, step: int) -> None:
-        import wandb
-
-        count = min(self.num_images, len(batch["label"]))
-        images, labels = batch["image"][:count], batch["label"][:count].tolist()
-        predictions = output.logits[:count].argmax(dim=1).tolist()
-        preprocessing, class_names = pl_module.hparams.preprocessing, pl_module.hparams.class_names
-        names = list(output.boxes)
-        class_labels = {0: "bird (ground truth)", **{i + 1: name for i, name in enumerate(names)}}
-        panels = []
-        for i, pixels in enumerate(to_pixels(images, preprocessing)):
-            boxes = [(0, "bird", batch["box"][i]), *[(k + 1, n, output.boxes[n][i]) for k, n in enumerate(names)]]
-            box_data = [{"position": dict(zip(("minX", "minY", "maxX", "maxY"), map(float, box), strict=True)),
-                         "class_id": class_id, "box_caption": caption} for class_id, caption, box in boxes]  # fmt: skip
-            caption = f"{class_names[labels[i]]} -> {class_names[predictions[i]]}"
-            boxes = {"boxes": {"box_data": box_data, "class_labels": class_labels}}
-            panels.append(wandb.Image(pixels, caption=caption, boxes=boxes))
-        logged = {"val/boxes": panels}
-        for name in names:
-            transform = box_to_transform(output.boxes[name][:count].detach().float())
-            crops = to_pixels(crop(images, transform, (self.crop_size, self.crop_size)), preprocessing)
-            logged[f"val/crops/{name}"] = [wandb.Image(pixels) for pixels in crops]
-        self.wandb.log_metrics(logged, step=step)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.hook is not None:
-            self.confusion.update(self.output.logits.detach().argmax(dim=1), batch["label"])
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.hook is None:
-            return
-        matrix = self.confusion.compute().cpu()  # summed over ranks; every rank takes part
-        self.confusion.reset()
-        if trainer.is_global_zero:
-            self.log_test_tables(matrix, pl_module.hparams.class_names)
-
-    def log_test_tables(self, matrix: torch.Tensor, class_names: list[str]) -> None:
-        import wandb
-
-        totals, correct = matrix.sum(dim=1), matrix.diag()
-        rows = [[name, int(n), int(c), float(c / n) if n else None]
-                for name, n, c in zip(class_names, totals, correct, strict=True)]  # fmt: skip
-        per_class = wandb.Table(columns=["class", "images", "correct", "accuracy"], data=rows)
-        pairs = [[class_names[t], class_names[p], int(matrix[t, p])]
-                 for t in range(len(class_names)) for p in range(len(class_names))]  # fmt: skip
-        confusion = wandb.plot_table(
-            "wandb/confusion_matrix/v1",
-            wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=pairs),
-            {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
-            {"title": "test confusion matrix"},
-        )
-        self.wandb.experiment.log({"test/per_class": per_class, "test/confusion_matrix": confusion})
-
-
-def run_callbacks(run_dir: Path, checkpointing: bool = True) -> list[Callback]:
-    """The callbacks every training command adds to the recipe's own (no SIGTERM checkpoint without checkpoints)."""
-    on_sigterm = [CheckpointOnSigterm(run_dir)] if checkpointing else []
-    return [StopOnNonFiniteLoss(run_dir), *on_sigterm, SeedEachStep(), WandbPanels()]
+        return f"--{key.group(1)}.{name} is not a setting of {key.group(1)}; {help_hint}"
+    if "unrecognized arguments" in message:
+        return f"{message.strip().splitlines()[0]}; {help_hint}"
+    given = re.search(r"Given value: (.*)", message)
+    expected = [t for t in re.findall(r"Expected a <class '([^']+)'>", message) if t != "NoneType"]
+    if key and given:
+        name, value = key.group(1), given.group(1).strip()
+        if nested := re.search(r"NestedArg\(key='([^']+)', val='(.*)'\)", value):  # --model.lr abc
+            name, value = f"{name}.{nested.group(1)}", nested.group(2)
+        wanted = f" (expected {' or '.join(dict.fromkeys(expected))})" if expected else ""
+        return f"--{name}: {value!r} is not a valid value{wanted}; {help_hint}"
+    noise = ("Subtypes:", "Errors:", "Given value type:", "Does not validate against any of the Union subtypes",
+             "- Expected a <class 'NoneType'>")  # fmt: skip
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    return f"{' '.join(lines)}; {help_hint}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from finegrain.predict import Explanation
+from finegrain.explain import Explanation
 
 PHOTO_HEIGHT = 420  # the photo is scaled to this height (or to PHOTO_MAX_WIDTH when that is smaller)
 PHOTO_MAX_WIDTH = 640

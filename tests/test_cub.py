@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from finegrain.cli import main
-from finegrain.data.cub import PART_NAMES, check_cub, parse_class_spec, read_cub, split_train_val
+from finegrain.data.checks import check_cub
+from finegrain.data.cub import PART_NAMES, parse_class_spec, read_cub, split_train_val
 from finegrain.errors import FinegrainError
 from tests.conftest import CUB_ROOT, needs_cub
 

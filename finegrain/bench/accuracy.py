@@ -1,22 +1,19 @@
-"""`finegrain bench accuracy`: train each recipe through `finegrain fit`, test its best checkpoint through
-`finegrain test`, under one budget (epochs, input size, seed, data), and collect the test metrics the task logs."""
+"""`finegrain bench accuracy`: train each recipe and test its best checkpoint (`finegrain.training.fit_and_test`,
+what `finegrain fit` and `finegrain test` run) under one budget (epochs, input size, seed, data); the test metrics
+the task logs."""
 
 from __future__ import annotations
 
-import csv
 import logging
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from finegrain.bench.recipes import BENCH_CONFIGS, Recipe, load_recipe, measure_available
+from finegrain.bench.recipes import BENCH_QUICK, Recipe, load_recipe, measure_available
 from finegrain.bench.report import new_report
 from finegrain.errors import FinegrainError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("baseline", "cbam", "stn", "racnn")  # the bench recipes in configs/bench/, run when none is named
-QUICK = BENCH_CONFIGS / "quick.yaml"
 
 
 @dataclass
@@ -32,7 +29,7 @@ class Budget:
     overrides: list[str] = field(default_factory=list)  # further `finegrain fit` arguments, "section.key=value"
 
     def arguments(self) -> list[str]:
-        args = ["--config", str(QUICK)] if self.quick else []
+        args = ["--config", str(BENCH_QUICK)] if self.quick else []
         args += ["--seed_everything", str(self.seed), "--trainer.enable_progress_bar", "false",
                  "--trainer.enable_model_summary", "false"]  # fmt: skip
         if self.epochs is not None:
@@ -48,16 +45,6 @@ class Budget:
                 raise FinegrainError(f"--set {override!r}: write section.key=value, e.g. --set data.num_workers=0")
             args.append("--" + override)
         return args
-
-
-def read_csv_metrics(path: Path) -> list[dict[str, float]]:
-    """The rows of a CSVLogger metrics file, empty cells left out."""
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-def log_versions(run: Path) -> set[Path]:
-    return set(run.glob("logs/version_*/metrics.csv"))
 
 
 def summarize(metrics: dict[str, float]) -> dict:
@@ -86,42 +73,22 @@ def summarize(metrics: dict[str, float]) -> dict:
 
 
 def train_and_test(recipe: Recipe, budget: Budget) -> dict:
-    """`finegrain fit` then `finegrain test` on the best checkpoint, in this process; the logged metrics."""
-    from finegrain.cli import CHECKPOINT_ROOT
+    """Fit then test the best checkpoint, in this process, as `finegrain fit` and `finegrain test` would."""
+    from finegrain.training import fit_and_test
 
     run_name = f"bench_{recipe.name}"
-    run = CHECKPOINT_ROOT / run_name
-    args = ["--config", str(recipe.path), *budget.arguments(), "--run_name", run_name]
-    log.info("accuracy: %s -> %s", recipe.name, run)
-    started = time.perf_counter()
-    fit_logs = _run("fit", args, run)
-    fit_seconds = time.perf_counter() - started
-    checkpoint = run / "best.ckpt" if (run / "best.ckpt").is_file() else run / "last.ckpt"
-    started = time.perf_counter()
-    test_logs = _run("test", [*args, "--ckpt_path", str(checkpoint)], run)
-    test_seconds = time.perf_counter() - started
-    val_top1 = [row["val/top1"] for path in fit_logs for row in read_csv_metrics(path) if "val/top1" in row]
-    metrics = {k: v for path in test_logs for row in read_csv_metrics(path) for k, v in row.items()}
-    return {"recipe": str(recipe.path), "name": recipe.name, "method": recipe.method, "run": str(run),
-            "checkpoint": checkpoint.name, "fit_seconds": fit_seconds, "test_seconds": test_seconds,
-            "best_val_top1": max(val_top1, default=None), "metrics": summarize(metrics),
-            "logged": {k: v for k, v in metrics.items() if k.startswith("test/")}}  # fmt: skip
-
-
-def _run(subcommand: str, args: list[str], run: Path) -> list[Path]:
-    """One `finegrain fit|test`; the metrics files it wrote."""
-    from finegrain.cli import run_training
-
-    before = log_versions(run)
-    try:
-        run_training([subcommand, *args])
-    except SystemExit as e:  # LightningCLI exits on arguments it rejects, after printing why
-        if e.code:
-            raise FinegrainError(f"finegrain {subcommand} {' '.join(args)} failed (exit {e.code}): see above") from None
-    written = sorted(log_versions(run) - before)
-    if not written:
-        raise FinegrainError(f"finegrain {subcommand} wrote no metrics under {run}/logs; was --trainer.logger false?")
-    return written
+    log.info("accuracy: %s -> run %s", recipe.name, run_name)
+    # the quick budget is laid over the recipe, the command line's settings over both
+    outcome = fit_and_test([*recipe.config_args, *budget.arguments(), "--run_name", run_name])
+    metrics = outcome.pop("metrics")
+    return {
+        "recipe": str(recipe.path),
+        "name": recipe.name,
+        "method": recipe.method,
+        **outcome,
+        "metrics": summarize(metrics),
+        "logged": {k: v for k, v in metrics.items() if k.startswith("test/")},
+    }
 
 
 def run_accuracy(recipe_names: list[str], budget: Budget, command: str = "") -> dict:

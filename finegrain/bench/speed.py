@@ -5,6 +5,7 @@ Every figure is images per second over timed steps that follow untimed warm-up s
 `torch.cuda.max_memory_allocated` minus what was allocated before the model was built; on CPU the growth of the
 process's resident set over the same stretch, sampled every 5 ms from /proc/self/statm (freed memory is handed
 back to the OS first, so an earlier measurement does not hide this one's; still approximate).
+Over 300 lines on purpose: each measurement sits beside its reference, so that both sides visibly do the same work.
 """
 
 from __future__ import annotations
@@ -321,9 +322,11 @@ def tiny_checkpoint(folder: Path, img_size: int) -> Path:
     """A checkpoint as `finegrain fit` writes it, of a tiny random model (so preprocessing dominates)."""
     import pytorch_lightning as pl
 
+    from finegrain.models import Classifier
     from finegrain.tasks.classification import ClassificationTask
 
-    task = ClassificationTask(num_classes=10, backbone=TINY_BACKBONE, class_names=[f"bird_{i}" for i in range(10)],
+    task = ClassificationTask(network=Classifier(num_classes=10, backbone=TINY_BACKBONE),
+                              class_names=[f"bird_{i}" for i in range(10)],
                               preprocessing=preprocessing_config(TINY_BACKBONE, img_size))  # fmt: skip
     path = folder / "tiny.ckpt"
     torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),

@@ -16,47 +16,20 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from finegrain.data.cub import CUBMetadata, CUBRecord, check_cub, read_cub, split_train_val
+from finegrain.data.checks import check_cub
+from finegrain.data.cub import CUBMetadata, CUBRecord, read_cub, split_train_val
 from finegrain.data.images import load_rgb
 from finegrain.data.transforms import Augment, apply_transform, build_transform
 from finegrain.errors import FinegrainError
-from finegrain.models.backbones import preprocessing_config
+from finegrain.geometry import crop_to_box
 
 log = logging.getLogger(__name__)
 
 
-def crop_region(image: np.ndarray, record: CUBRecord, x0: int, y0: int, x1: int,
-                y1: int) -> tuple[np.ndarray, tuple, np.ndarray]:  # fmt: skip
-    """Pixels [x0, x1) x [y0, y1) of the image, with the bird box and the parts moved into that frame (what
-    falls outside is clipped, or marked invisible, by `apply_transform`)."""
-    x, y, w, h = record.box
-    parts = record.parts.copy()
-    parts[:, 0] -= x0
-    parts[:, 1] -= y0
-    return image[y0:y1, x0:x1], (x - x0, y - y0, w, h), parts
-
-
-def crop_to_box(image: np.ndarray, record: CUBRecord) -> tuple[np.ndarray, tuple, np.ndarray]:
-    """The "with boxes" setting: the ground-truth box crop."""
-    height, width = image.shape[:2]
-    x, y, w, h = record.box
-    x0, y0 = int(max(0, np.floor(x))), int(max(0, np.floor(y)))
-    x1, y1 = int(min(width, np.ceil(x + w))), int(min(height, np.ceil(y + h)))
-    return crop_region(image, record, x0, y0, x1, y1)
-
-
-def square_on_bird(image: np.ndarray, record: CUBRecord, side: float) -> tuple[np.ndarray, tuple, np.ndarray]:
-    """What a perfect zoom of this `side` (fraction of the shorter image side) sees: the pixel square centred on
-    the ground-truth box centre, shifted inside the image where the box lies near an edge."""
-    height, width = image.shape[:2]
-    size = max(1, round(side * min(height, width)))
-    x, y, w, h = record.box
-    x0 = int(round(np.clip(x + w / 2 - size / 2, 0, width - size)))
-    y0 = int(round(np.clip(y + h / 2 - size / 2, 0, height - size)))
-    return crop_region(image, record, x0, y0, x0 + size, y0 + size)
-
-
 MIN_IMG_SIZE = 32  # the backbones downsample 32 times
+# timm's default data config (ImageNet statistics), for a data module used without a network's own
+DEFAULT_PREPROCESSING = {"img_size": 224, "crop_pct": 0.875, "interpolation": "bicubic",
+                         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
 
 
 def _check_settings(batch_size: int, eval_batch_size: int | None, num_workers: int, img_size: int | None,
@@ -83,7 +56,7 @@ class CUBDataset(Dataset):
     def __init__(self, records: list[CUBRecord], transform, region: Callable | None = None):
         self.records = records
         self.transform = transform
-        self.region = region  # (image, record) -> (image, box, parts), e.g. crop_to_box; None: whole image
+        self.region = region  # (image, box, parts) -> (image, box, parts), e.g. crop_to_box; None: whole image
 
     def __len__(self) -> int:
         return len(self.records)
@@ -99,7 +72,7 @@ class CUBDataset(Dataset):
         image = load_rgb(record.path)
         box, parts = record.box, record.parts
         if self.region is not None:
-            image, box, parts = self.region(image, record)
+            image, box, parts = self.region(image, box, parts)
         sample = apply_transform(self.transform, image, box, parts)
         sample["label"] = torch.tensor(record.label)
         sample["index"] = torch.tensor(index)
@@ -115,11 +88,10 @@ class CUBDataModule(pl.LightningDataModule):
         val_fraction: share of each class's official train images held out for validation (seeded, stratified).
         split_seed: seed of that split.
         use_boxes: train and evaluate on the ground-truth box crop (the literature's "with boxes" setting).
-        bird_square: train and evaluate on the square of this side (fraction of the shorter image side) centred
-            on the ground-truth box: what a perfect RA-CNN zoom of that side sees, an upper bound for its scale.
-        backbone: timm model name whose preprocessing (mean, std, size, crop_pct, interpolation) is used.
-        img_size: input size; None keeps the backbone's default.
-        crop_pct: eval resize = img_size / crop_pct before the centre crop; None keeps the backbone's default.
+        preprocessing: the network's own (mean, std, img_size, crop_pct, interpolation: timm's data config of
+            its backbone); `finegrain fit` links it from model.network. None: ImageNet statistics at 224 px.
+        img_size: input size; None keeps the network's.
+        crop_pct: eval resize = img_size / crop_pct before the centre crop; None keeps the network's.
         augment: training augmentation.
         skip_broken: train without unusable images (missing, undecodable, a box with no area inside the photo;
             reporting how many) instead of stopping. Boxes that merely overrun their photo are clipped, never skipped.
@@ -134,8 +106,7 @@ class CUBDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         use_boxes: bool = False,
-        bird_square: float | None = None,
-        backbone: str = "resnet50",
+        preprocessing: dict | None = None,
         img_size: int | None = None,
         crop_pct: float | None = None,
         batch_size: int = 32,
@@ -149,35 +120,31 @@ class CUBDataModule(pl.LightningDataModule):
         _check_settings(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
                         img_size=img_size, crop_pct=crop_pct)  # fmt: skip
         self.root = Path(root).expanduser()
-        if synthesize is not None and not (self.root / "images.txt").is_file():
-            synthesize_once(self.root, synthesize)
         self.classes = classes
+        self.synthesize = synthesize
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        if bird_square is not None and (use_boxes or not 0 < bird_square <= 1):
-            raise FinegrainError(f"data.bird_square must lie in (0, 1] (a side as a fraction of the shorter image "
-                                 f"side) and goes without data.use_boxes; got {bird_square!r}, "
-                                 f"use_boxes={use_boxes}")  # fmt: skip
-        self.region: Callable | None = None  # whole images
-        if use_boxes:
-            self.region = crop_to_box
-        elif bird_square is not None:
-            self.region = functools.partial(square_on_bird, side=bird_square)
+        self.region: Callable | None = crop_to_box if use_boxes else None  # None: whole images
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.augment = augment or Augment()
         self.skip_broken = skip_broken
-        self.metadata: CUBMetadata = read_cub(self.root, classes)
-        if not self.metadata.records:
-            raise FinegrainError(f"no images of classes {classes!r} are listed in {self.root / 'images.txt'}")
-        preprocessing = preprocessing_config(backbone, img_size)
-        if crop_pct is not None:
-            preprocessing["crop_pct"] = crop_pct
         # Plain types only: this travels into checkpoints, which load with weights_only=True.
-        self.preprocessing = preprocessing
+        self.preprocessing = {**DEFAULT_PREPROCESSING, **(preprocessing or {})}
+        self.preprocessing.update({k: v for k, v in (("img_size", img_size), ("crop_pct", crop_pct)) if v is not None})
         self.datasets: dict[str, CUBDataset] = {}
         self.resume_at: dict[str, int] = {}  # from a checkpoint: see state_dict
+
+    @functools.cached_property
+    def metadata(self) -> CUBMetadata:
+        """The dataset's lists, read once on first use (writing synthetic birds first when asked and absent)."""
+        if self.synthesize is not None and not (self.root / "images.txt").is_file():
+            synthesize_once(self.root, self.synthesize)
+        metadata = read_cub(self.root, self.classes)
+        if not metadata.records:
+            raise FinegrainError(f"no images of classes {self.classes!r} are listed in {self.root / 'images.txt'}")
+        return metadata
 
     @property
     def num_classes(self) -> int:

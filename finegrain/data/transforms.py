@@ -17,6 +17,14 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from finegrain.data.cub import PART_NAMES
+from finegrain.geometry import (
+    InputFrame,
+    box_corners,
+    corners_to_box,
+    frame_from_corners,
+    inside_unit_square,
+    photo_corners,
+)
 
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
                   "area": cv2.INTER_AREA}  # fmt: skip
@@ -71,8 +79,7 @@ def apply_transform(transform: A.Compose, image: np.ndarray, box: tuple[float, f
     Returns the image tensor, the box as normalised (x1, y1, x2, y2) in [0, 1] of the output, the parts as
     normalised (x, y) and their visibility (visible in the annotation and inside the output).
     """
-    x, y, w, h = box
-    keypoints = np.concatenate([[[x, y], [x + w, y + h]], parts[:, :2]]).astype(np.float32)
+    keypoints = np.concatenate([box_corners(box), parts[:, :2]]).astype(np.float32)
     out = transform(image=image, keypoints=keypoints)
     tensor = out["image"]
     height, width = tensor.shape[-2:]
@@ -83,11 +90,25 @@ def apply_transform(transform: A.Compose, image: np.ndarray, box: tuple[float, f
         for left, right in MIRRORED_PARTS:
             part_xy[[left, right]] = part_xy[[right, left]]
             visible[[left, right]] = visible[[right, left]]
-    inside = (part_xy >= 0).all(axis=1) & (part_xy <= 1).all(axis=1)
-    norm_box = np.clip(np.concatenate([corners.min(axis=0), corners.max(axis=0)]), 0.0, 1.0)
+    inside = inside_unit_square(part_xy)
+    norm_box = np.clip(corners_to_box(corners), 0.0, 1.0)
     return {
         "image": tensor,
         "box": torch.from_numpy(norm_box),
         "parts": torch.from_numpy(part_xy),
         "part_visible": torch.from_numpy(visible & inside),
     }
+
+
+def input_frame(transform: A.Compose, width: int, height: int) -> InputFrame:
+    """Where the input an eval `transform` makes of a width x height photo lies in that photo.
+
+    The photo's corners go through `transform` itself as keypoints, on a blank photo of that size (an eval
+    transform draws nothing at random, so the map depends on the size alone), and the frame is read off where
+    they land: no copy of the resize and crop arithmetic to keep in step with albumentations. Costs about one
+    preprocessing of a photo that size; the Predictor keeps the frame per size.
+    """
+    out = transform(image=np.zeros((height, width, 3), np.uint8), keypoints=photo_corners(width, height))
+    input_height, input_width = out["image"].shape[-2:]
+    corners = np.asarray(out["keypoints"], np.float64)[:, :2]
+    return frame_from_corners(corners, (width, height), (input_width, input_height))

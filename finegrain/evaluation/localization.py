@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from finegrain.data.cub import PART_NAMES
+from finegrain.geometry import box_centres, box_extents, boxes_contain
 
 
 def placement_chance(extent: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -27,8 +28,8 @@ def placement_chance(extent: Tensor, low: Tensor, high: Tensor) -> Tensor:
 def box_statistics(boxes: Tensor) -> dict[str, Tensor]:
     """Collapse guard for (B, 4) normalised xyxy boxes: mean side (sqrt of area; 1 = the whole image, a zoom
     fading away) and the spread of centres over the batch (0 = the same box for every image)."""
-    sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    sides = box_extents(boxes).prod(dim=-1).clamp(min=0).sqrt()
+    centres = box_centres(boxes)
     spread = centres.var(dim=0, unbiased=False).sum().sqrt() if len(boxes) > 1 else boxes.new_zeros(())
     return {"side": sides.mean(), "centre_spread": spread}
 
@@ -57,29 +58,24 @@ class LocalizationScore(Metric):
 
     def update(self, boxes: Tensor, bird_boxes: Tensor, parts: Tensor, visible: Tensor) -> None:
         boxes, bird_boxes, parts = boxes.float(), bird_boxes.float(), parts.float()
-        extent = boxes[:, 2:] - boxes[:, :2]  # (B, 2) width, height
-        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-        bird_centre = (bird_boxes[:, :2] + bird_boxes[:, 2:]) / 2
+        extent = box_extents(boxes)  # (B, 2) width, height
+        centre, bird_centre = box_centres(boxes), box_centres(bird_boxes)
 
-        inside = ((centre >= bird_boxes[:, :2]) & (centre <= bird_boxes[:, 2:])).all(dim=1).float()
+        inside = boxes_contain(bird_boxes, centre).float()
         chance = placement_chance(extent, bird_boxes[:, :2], bird_boxes[:, 2:]).prod(dim=1)
         self.centre_in_bird += torch.stack((inside.sum(), chance.sum()))
 
-        contains = self._contains(boxes, bird_centre).float()
+        contains = boxes_contain(boxes, bird_centre).float()
         chance = placement_chance(extent, bird_centre - extent / 2, bird_centre + extent / 2).prod(dim=1)
         self.contains_bird_centre += torch.stack((contains.sum(), chance.sum()))
         self.count += len(boxes)
 
         seen = visible.float()  # (B, P)
-        hits = self._contains(boxes[:, None], parts).float()
+        hits = boxes_contain(boxes[:, None], parts).float()
         half = extent[:, None] / 2
         chance = placement_chance(extent[:, None].expand_as(parts), parts - half, parts + half).prod(dim=-1)
         self.part_hits += torch.stack(((hits * seen).sum(0), (chance * seen).sum(0)))
         self.part_count += seen.sum(0)
-
-    @staticmethod
-    def _contains(boxes: Tensor, points: Tensor) -> Tensor:
-        return ((points >= boxes[..., :2]) & (points <= boxes[..., 2:])).all(dim=-1)
 
     def compute(self) -> dict[str, Tensor]:
         scores = {}

@@ -7,9 +7,11 @@ from torch import nn
 
 from finegrain.models.attention import attention_maps, attention_parameters
 from finegrain.models.backbones import create_backbone
+from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
 
 
+@register_network
 class Classifier(nn.Module):
     """Any timm backbone + dropout + linear head; the head is separate so it can take a higher learning rate."""
 

@@ -9,7 +9,7 @@ phases) lives in `finegrain.tasks.racnn`; see docs/racnn.md for the design choic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,18 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
-from finegrain.models.attention import attention_maps, attention_parameters
-from finegrain.models.backbones import create_backbone
-from finegrain.models.geometry import (
+from finegrain.geometry import (
     bound_transform,
-    check_box_gradient,
     check_scales,
     compose_transforms,
     crop,
-    finite_difference_term,
     square_copy,
     transform_to_box,
 )
+from finegrain.models.attention import attention_maps, attention_parameters
+from finegrain.models.backbones import create_backbone
+from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
 
 PRETRAIN_SCALE = 0.5  # the paper pre-trains each APN towards a square of half the previous scale's side
@@ -123,6 +122,7 @@ class ZoomPass:
     raw: list[Tensor]
 
 
+@register_network
 class RACNN(nn.Module):
     """Scales of backbone + classifier, linked by APNs; each zoom is sampled from the original input.
 
@@ -145,11 +145,6 @@ class RACNN(nn.Module):
             budget: 224 px of a 448 px input) a zoom to half the side sees twice scale 1's resolution, as the
             paper's 224 px zooms of its 448 px input see the region at full resolution.
 
-        box_gradient: how the ranking loss trains the APNs. "autograd" (the paper's): back-propagation through the
-            crop. "finite-difference": from each image's ranking loss with that APN's raw output ± `box_step`
-            (`box_estimate`), as for ST-CNN (docs/benchmarks.md, "Which way is the bird?").
-        box_step: raw APN step of the finite differences.
-
     Output: `logits` from the fused descriptors (each scale's pooled descriptor L2-normalised, concatenated:
     the paper's "scale 1+2+3"); `branch_logits` {"scale1", "scale2", "scale3"} from each scale's classifier;
     `boxes` {"scale2", "scale3"} in normalised xyxy of the ORIGINAL input; `attention_maps` keyed
@@ -160,13 +155,10 @@ class RACNN(nn.Module):
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: list[int] | None = None,
                  scales: int = 3, zoom_size: int = 224, shared_backbone: bool = False, min_scale: float = 0.2,
                  max_scale: float = 0.8, apn_grid: int = 7, apn_hidden: int = 512,
-                 scale1_size: int | None = None, box_gradient: str = "autograd",
-                 box_step: float = 0.3):  # fmt: skip
+                 scale1_size: int | None = None):  # fmt: skip
         super().__init__()
         if scales not in (2, 3):
             raise FinegrainError(f"RA-CNN scales must be 2 or 3, got {scales!r}")
-        check_box_gradient("RA-CNN", box_gradient, box_step)
-        self.box_gradient, self.box_step = box_gradient, box_step
         sizes = {"zoom_size": zoom_size, "apn_grid": apn_grid, "apn_hidden": apn_hidden}
         if scale1_size is not None:
             sizes["scale1_size"] = scale1_size
@@ -214,15 +206,13 @@ class RACNN(nn.Module):
             "head": [*self.heads.parameters(), *self.fused_head.parameters()],
         }
 
-    def zoom_in(self, images: Tensor, detach_boxes: bool = False,
-                raw_offsets: Sequence[Tensor | None] | None = None) -> ZoomPass:  # fmt: skip
+    def zoom_in(self, images: Tensor, detach_boxes: bool = False) -> ZoomPass:
         """Run every scale; the crop of scale s + 1 is composed into original-image coordinates and sampled from
         `images` itself, never from the previous (already resampled) crop.
 
         `detach_boxes` cuts the path from the crops back through the APNs into the coarser scales: in the
         classification phase a finer scale's loss must train that scale on the crop it was given, not move the
         crop by reshaping the coarser scale's features (the APN is frozen, but its input is not).
-        `raw_offsets` (per APN, (B, 3) or None) are added to the APNs' raw outputs: `box_estimate`'s probes.
         """
         inputs, absolute = square_copy(images, self.scale1_size), None
         maps, aspects, relative, raws, descriptors, logits = [], [], [], [], [], []
@@ -247,8 +237,6 @@ class RACNN(nn.Module):
             if scale + 1 < self.num_scales:
                 raw = self.apns[scale](feature_map)
                 raws.append(raw)
-                if raw_offsets is not None and raw_offsets[scale] is not None:
-                    raw = raw + raw_offsets[scale]
                 box = bound_transform(raw, self.min_scale, self.max_scale, aspect=aspects[-1])
                 relative.append(box)
                 absolute = box if absolute is None else compose_transforms(absolute, box)
@@ -265,26 +253,6 @@ class RACNN(nn.Module):
 
     def forward(self, images: Tensor) -> ModelOutput:
         return self.zoom_in(images).output
-
-    def box_estimate(self, images: Tensor, raw: Sequence[Tensor],
-                     per_image_loss: Callable[[list[Tensor]], Tensor]) -> Tensor:  # fmt: skip
-        """For `box_gradient="finite-difference"`: each APN's `finite_difference_term` of
-        `per_image_loss(scale logits) -> (B,)`, with every later scale (and its APN) recomputed on the moved crop.
-        `raw` are the APN outputs of a `zoom_in(images, detach_boxes=True)` pass, so that each term trains its
-        APN only through its own output. Zero in value. Costs 2 x 3 forward passes of every scale per APN,
-        without backward; call it with the classification networks in eval mode (the ranking phase does), or
-        the probes update their batch-norm statistics.
-        """
-        terms = []
-        for index, apn_raw in enumerate(raw):
-            def loss_with_apn_at(moved: Tensor, index: int = index, apn_raw: Tensor = apn_raw) -> Tensor:
-                offsets: list[Tensor | None] = [None] * len(raw)
-                offsets[index] = moved - apn_raw.detach().float()
-                zoom = self.zoom_in(images, detach_boxes=True, raw_offsets=offsets)
-                return per_image_loss(list(zoom.output.branch_logits.values()))
-
-            terms.append(finite_difference_term(apn_raw, self.box_step, loss_with_apn_at))
-        return torch.stack(terms).sum()
 
 
 def fuse(descriptors: Sequence[Tensor]) -> Tensor:

@@ -6,25 +6,23 @@ the part features are classified together. Trained end to end from class labels 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
-from finegrain.models.attention import attention_maps, attention_parameters
-from finegrain.models.backbones import create_backbone
-from finegrain.models.geometry import (
+from finegrain.geometry import (
     bound_affine,
     bound_transform,
-    check_box_gradient,
     check_scales,
     crop,
-    finite_difference_term,
     square_copy,
     theta_to_box,
     transform_to_theta,
 )
+from finegrain.models.attention import attention_maps, attention_parameters
+from finegrain.models.backbones import create_backbone
+from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
 
 # raw localisation outputs per part: attention = (x, y, scale), affine = (x, y, x scale, y scale, 2 shears)
@@ -71,6 +69,7 @@ class LocalizationHead(nn.Module):
         return self.fc2(self.act(self.fc1(self.reduce(feature_map)))).unflatten(-1, self.out_shape)
 
 
+@register_network
 class STCNN(nn.Module):
     """N spatial transformers -> N part networks -> concatenated features -> dropout -> one linear classifier.
 
@@ -93,12 +92,6 @@ class STCNN(nn.Module):
         global_branch: also classify the whole image with its own network.
         attention, attention_stages: attention gates in the part and global networks (see
             `create_backbone`); the localisation network stays plain.
-        box_gradient: how the class loss trains the localisation. "autograd" (the paper's): back-propagation
-            through the bilinear crop. "finite-difference": from each image's loss at its raw part parameters
-            ± `box_step` (`forward_with_box_estimate`), as the autograd box gradient of a CNN classifier points
-            toward the bird no more often than a coin flip (docs/benchmarks.md, "Which way is the bird?").
-        box_step: raw localisation step of the finite differences (a shift of about 6 % of the image side for a
-            part of side 0.55).
 
     Output: fused `logits`; `branch_logits` {"global" (if on), "part1", ..., "partN"} from linear probes on each
     branch's DETACHED features; `boxes` {"part1", ...} as normalised xyxy (the box around the parallelogram for
@@ -112,13 +105,10 @@ class STCNN(nn.Module):
                  drop_rate: float = 0.0, num_parts: int = 2, transform: str = "attention", part_size: int = 224,
                  min_scale: float = 0.2, max_scale: float = 1.0, loc_backbone: str | None = None, loc_size: int = 224,
                  shared_parts: bool = False, global_branch: bool = False, attention: str = "none",
-                 attention_stages: list[int] | None = None, box_gradient: str = "autograd",
-                 box_step: float = 0.3):  # fmt: skip
+                 attention_stages: list[int] | None = None):  # fmt: skip
         super().__init__()
         if transform not in TRANSFORM_PARAMS:
             raise FinegrainError(f"ST-CNN transform {transform!r} is unknown; choose one of {list(TRANSFORM_PARAMS)}")
-        check_box_gradient("ST-CNN", box_gradient, box_step)
-        self.box_gradient, self.box_step = box_gradient, box_step
         for name, value in (("num_parts", num_parts), ("part_size", part_size), ("loc_size", loc_size)):
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"ST-CNN {name} must be a positive integer, got {value!r}")
@@ -171,16 +161,12 @@ class STCNN(nn.Module):
         aspect = images.shape[-1] / images.shape[-2]  # parts are pixel squares of the original image
         return transform_to_theta(bound_transform(raw, self.min_scale, self.max_scale, aspect=aspect))
 
-    def forward(self, images: Tensor) -> ModelOutput:
-        return self._forward_at(images, self.localize_raw(images))[0]
-
     def _part_features(self, index: int, images: Tensor, theta: Tensor) -> Tensor:
         net = self.part_nets[index % len(self.part_nets)]
         return net(crop(images, theta, (self.part_size, self.part_size)))
 
-    def _forward_at(self, images: Tensor, raw: Tensor) -> tuple[ModelOutput, list[Tensor]]:
-        """The output for these raw part parameters, and each branch's features (before dropout)."""
-        theta = self.raw_to_theta(raw, images)
+    def forward(self, images: Tensor) -> ModelOutput:
+        theta = self.raw_to_theta(self.localize_raw(images), images)
         features, maps = [], {}
         if self.global_net is not None:
             features.append(self.global_net(images))
@@ -192,43 +178,9 @@ class STCNN(nn.Module):
             maps.update({f"{name}.{key}": value for key, value in attention_maps(net).items()})
         fused = self.dropout(torch.cat(features, dim=1))
         probes = fused.detach().chunk(len(self.branch_names), dim=1)
-        output = ModelOutput(
+        return ModelOutput(
             logits=self.head(fused),
             branch_logits={name: self.branch_heads[name](x) for name, x in zip(self.branch_names, probes, strict=True)},
             boxes={name: theta_to_box(theta[:, i]) for i, name in enumerate(self.box_names)},
             attention_maps=maps,
         )
-        return output, features
-
-    def forward_with_box_estimate(
-        self, images: Tensor, per_image_loss: Callable[[Tensor], Tensor]
-    ) -> tuple[ModelOutput, Tensor]:
-        """Training forward for `box_gradient="finite-difference"`: the output, with the crops cut off from the
-        localisation, and a term whose gradient gives the localisation each image's central differences.
-
-        Each part's term is `finite_difference_term` of the fused loss (`per_image_loss(logits) -> (B,)`) with
-        that part sampled at its moved raw parameters, the other branches' features kept, without dropout and
-        with the part networks in eval mode (the probes neither use nor update batch statistics). Adding the
-        returned term (zero in value) to the loss is all the caller does. Costs 2 x num_params extra part
-        forward passes per part (6 for attention).
-        """
-        raw = self.localize_raw(images)
-        output, features = self._forward_at(images, raw.detach())
-        kept = [f.detach() for f in features]
-        first_part = len(self.branch_names) - self.num_parts
-        modes = [net.training for net in self.part_nets]
-        self.part_nets.eval()
-        try:
-            terms = []
-            for i in range(self.num_parts):
-                def loss_with_part_at(moved: Tensor, i: int = i) -> Tensor:
-                    theta = self.raw_to_theta(moved[:, None], images)[:, 0]
-                    branches = [*kept]
-                    branches[first_part + i] = self._part_features(i, images, theta)
-                    return per_image_loss(self.head(torch.cat(branches, dim=1)))
-
-                terms.append(finite_difference_term(raw[:, i], self.box_step, loss_with_part_at))
-        finally:
-            for net, mode in zip(self.part_nets, modes, strict=True):
-                net.train(mode)
-        return output, torch.stack(terms).sum()

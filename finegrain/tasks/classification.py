@@ -8,49 +8,14 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torch import nn
 
+from finegrain.errors import FinegrainError
 from finegrain.evaluation.localization import LocalizationScore, box_statistics
-from finegrain.models import ModelOutput, build_network
+from finegrain.evaluation.metrics import accuracy_metrics
+from finegrain.models import ModelOutput, network_config
 
 STAGES = ("train", "val", "test")
-
-
-class MeanClassAccuracy(Metric):
-    """Top-1 accuracy of each class, averaged over the classes that occur in the targets.
-
-    torchmetrics' macro average also counts classes that were only predicted, as zeros, which understates the
-    figure on any split that lacks some classes.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.add_state("correct", torch.zeros(num_classes), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(num_classes), dist_reduce_fx="sum")
-
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        hits = (logits.argmax(dim=1) == labels).float()
-        self.correct.index_add_(0, labels, hits)
-        self.total.index_add_(0, labels, torch.ones_like(hits))
-
-    def compute(self) -> torch.Tensor:
-        present = self.total > 0
-        return (self.correct[present] / self.total[present]).mean()
-
-
-def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Micro top-1 and top-5 (what CUB papers report) and mean per-class accuracy."""
-    return MetricCollection(
-        {
-            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-            "mean_class": MeanClassAccuracy(num_classes),
-        },
-        prefix=prefix,
-    )
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: float = 0.01) -> float:
@@ -62,18 +27,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: fl
 
 
 class ClassificationTask(pl.LightningModule):
-    """Trains a network from `finegrain.models.NETWORKS` with cross-entropy on its fused and branch logits.
+    """Trains a registered network (`finegrain.models.NETWORKS`) with cross-entropy on its fused and branch logits.
 
     Args:
-        num_classes: linked from the data module.
-        method: the network, a key of `finegrain.models.NETWORKS` ("baseline", ...).
-        backbone: timm model name.
-        weights: "none", "timm" (hub, needs the network), "embedded-lite0", or a local weights file.
-        attention: attention gates added to the backbone (CBAM, SE or ECA), starting as the identity so that
-            pretrained weights keep their function.
-        attention_stages: which feature stages get attention (timm feature_info indices); None for the default.
-        method_args: further keyword arguments of the method's network.
-        drop_rate: dropout before the classifier.
+        network: the network to train, e.g. `finegrain.models.Classifier(num_classes=200, backbone="resnet50")`;
+            in a recipe `model.network: {class_path: finegrain.models.Classifier, init_args: {...}}`, its
+            num_classes linked from the data module.
         label_smoothing: cross-entropy label smoothing.
         optimizer: "sgd" (momentum, Nesterov) or "adamw".
         lr: learning rate of the head; other groups are scaled by `lr_scales`.
@@ -89,17 +48,11 @@ class ClassificationTask(pl.LightningModule):
     # True where some training steps give part of the parameters no gradient: DDP must then not wait for them
     # (`finegrain fit` turns a plain `ddp` strategy into `ddp_find_unused_parameters_true`).
     leaves_parameters_unused = False
+    trains: tuple[type[nn.Module], ...] = (nn.Module,)  # the networks this task knows how to train
 
     def __init__(
         self,
-        num_classes: int,
-        method: str = "baseline",
-        backbone: str = "resnet50",
-        weights: str = "none",
-        attention: Literal["none", "se", "eca", "cbam"] = "none",
-        attention_stages: list[int] | None = None,
-        method_args: dict | None = None,
-        drop_rate: float = 0.0,
+        network: nn.Module,
         label_smoothing: float = 0.0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
@@ -112,10 +65,13 @@ class ClassificationTask(pl.LightningModule):
         preprocessing: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.network = build_network(method, num_classes=num_classes, backbone=backbone, weights=weights,
-                                     attention=attention, attention_stages=attention_stages, drop_rate=drop_rate,
-                                     **(method_args or {}))  # fmt: skip
+        if not isinstance(network, self.trains):
+            raise FinegrainError(f"{type(self).__name__} trains {' or '.join(c.__name__ for c in self.trains)} "
+                                 f"networks, not {type(network).__name__}; use ClassificationTask for it")  # fmt: skip
+        self.save_hyperparameters(ignore=["network"])
+        self.hparams["network"] = network_config(network)  # what rebuilds it: checkpoints, the Predictor
+        self.network = network
+        num_classes = self.num_classes
         self.lr_scales = {"backbone": 0.1} if lr_scales is None else dict(lr_scales)
         # Keyed "<stage>_<branch>": a ModuleDict key may not shadow nn.Module attributes such as `train`.
         # The fused prediction logs as "<stage>/top1", each branch (scale, part) as "<stage>/<branch>/top1".
@@ -130,6 +86,10 @@ class ClassificationTask(pl.LightningModule):
             {f"{stage}_{name}": LocalizationScore() for stage in STAGES[1:] for name in box_names}
         )
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams.network["init_args"]["num_classes"])
+
     def forward(self, images: torch.Tensor) -> ModelOutput:
         return self.network(images)
 
@@ -140,21 +100,13 @@ class ClassificationTask(pl.LightningModule):
         return torch.stack(ce).sum()
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        box_estimate = 0.0
-        if stage == "train" and getattr(self.network, "box_gradient", "autograd") == "finite-difference":
-            def fused_loss(logits: torch.Tensor) -> torch.Tensor:
-                return F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing,
-                                       reduction="none")  # fmt: skip
-
-            output, box_estimate = self.network.forward_with_box_estimate(batch["image"], fused_loss)
-        else:
-            output = self(batch["image"])
+        output = self(batch["image"])
         loss = self.loss(output, batch["label"])
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(batch["label"]), sync_dist=not on_step)  # fmt: skip
         self.log_results(output, batch, stage)
-        return loss + box_estimate  # zero in value: only its gradient, to the localisation
+        return loss
 
     def log_results(self, output: ModelOutput, batch: dict, stage: str) -> None:
         """Accuracy of the fused and every branch prediction; box statistics; localisation (val and test)."""

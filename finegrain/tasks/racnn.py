@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from finegrain.errors import FinegrainError
-from finegrain.models.racnn import PRETRAIN_SCALE, ZoomPass, apn_target, ranking_loss
+from finegrain.models.racnn import PRETRAIN_SCALE, RACNN, ZoomPass, apn_target, ranking_loss
 from finegrain.tasks.classification import ClassificationTask
 
 PHASES = ("pretrain", "classification", "ranking")
@@ -44,11 +44,9 @@ def pretrain_loss(zoom: ZoomPass, scale: float = PRETRAIN_SCALE) -> torch.Tensor
 
 
 class RACNNTask(ClassificationTask):
-    """The RA-CNN network (`finegrain.models.racnn.RACNN`, method "racnn") with the paper's alternating training.
+    """An RA-CNN network (`finegrain.models.RACNN`) with the paper's alternating training.
 
-    Args (besides those of `ClassificationTask`; `method` can only be "racnn", and is kept so that checkpoints
-    name their network like every other task's; `method_args` are the network's: scales, zoom_size,
-    shared_backbone, min_scale, max_scale, apn_grid, apn_hidden):
+    Args (besides those of `ClassificationTask`, to which other keyword arguments go):
         margin: of the ranking loss, in softmax probability (0.05 in the paper).
         pretrain_steps: APN pre-training steps before the first classification phase; 0 skips it.
         pretrain_scale: side of the pre-training target square, as a fraction of the previous scale's shorter
@@ -66,40 +64,20 @@ class RACNNTask(ClassificationTask):
     """
 
     leaves_parameters_unused = True  # each phase steps one optimiser; the other's parameters get no gradient
+    trains = (RACNN,)
 
     def __init__(
         self,
-        num_classes: int,
-        method: Literal["racnn"] = "racnn",
-        backbone: str = "vgg19",
-        weights: str = "none",
-        attention: Literal["none", "se", "eca", "cbam"] = "none",
-        attention_stages: list[int] | None = None,
-        method_args: dict | None = None,
-        drop_rate: float = 0.0,
-        label_smoothing: float = 0.0,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.01,
-        lr_scales: dict[str, float] | None = None,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
+        network: RACNN,
         margin: float = 0.05,
         pretrain_steps: int = 0,
         pretrain_scale: float = PRETRAIN_SCALE,
         classification_steps: int = 100,
         ranking_steps: int = 20,
         apn_optimizer: Literal["sgd", "adamw"] | None = None,
-        class_names: list[str] | None = None,
-        preprocessing: dict | None = None,
+        **kwargs,
     ):
-        if method != "racnn":
-            raise FinegrainError(f"RACNNTask trains method 'racnn', not {method!r}; use ClassificationTask for others")
-        super().__init__(num_classes, method=method, backbone=backbone, weights=weights, attention=attention,
-                         attention_stages=attention_stages, method_args=method_args, drop_rate=drop_rate,
-                         label_smoothing=label_smoothing, optimizer=optimizer, lr=lr, lr_scales=lr_scales,
-                         weight_decay=weight_decay, momentum=momentum, warmup_epochs=warmup_epochs,
-                         class_names=class_names, preprocessing=preprocessing)  # fmt: skip
+        super().__init__(network, **kwargs)
         self.automatic_optimization = False
         if not 0 <= margin < 1:
             raise FinegrainError(f"RA-CNN margin {margin} is a probability difference: pick it in [0, 1), e.g. 0.05")
@@ -139,21 +117,14 @@ class RACNNTask(ClassificationTask):
         self.toggle_optimizer(optimizer)  # requires_grad only for the parameters this phase trains
         self.set_phase_modes(phase)
 
-        estimated = phase == "ranking" and self.network.box_gradient == "finite-difference"
-        zoom = self.network.zoom_in(batch["image"], detach_boxes=phase == "classification" or estimated)
+        zoom = self.network.zoom_in(batch["image"], detach_boxes=phase == "classification")
         labels = batch["label"]
         losses = {
             "classification": self.loss(zoom.output, labels),
             "ranking": ranking_loss(list(zoom.output.branch_logits.values()), labels, self.hparams.margin),
             "pretrain": pretrain_loss(zoom, self.hparams.pretrain_scale),
         }
-        if estimated:
-            def per_image_ranking(logits: list[torch.Tensor]) -> torch.Tensor:
-                return ranking_loss(logits, labels, self.hparams.margin, reduction="none")
-
-            self.manual_backward(self.network.box_estimate(batch["image"], zoom.raw, per_image_ranking))
-        else:
-            self.manual_backward(losses[phase])
+        self.manual_backward(losses[phase])
         optimizer.step()
         self.untoggle_optimizer(optimizer)
         with warnings.catch_warnings():  # the idle optimiser may not have stepped yet; its schedule still follows

@@ -1,6 +1,10 @@
-"""Boxes, attention transforms and the differentiable crop: the one implementation every crop in finegrain uses.
+"""Boxes, points, attention transforms and the differentiable crop: every crop and box computation of finegrain.
 
-Conventions (all tensors, leading batch dimensions allowed unless stated):
+The lowest layer: it imports torch, numpy and finegrain.errors only, so data, models, tasks and inference all
+build on it. Three parts: the differentiable crop geometry (torch), box arithmetic on normalised boxes (torch),
+and pixel boxes of photographs and their annotations, with the map between a photo and the network input (numpy).
+
+Conventions of the torch part (leading batch dimensions allowed unless stated):
 - box: normalised (x1, y1, x2, y2) in [0, 1] of the image, x = width (column), y = height (row), as in
   `ModelOutput.boxes`. Pixel box = box * (W, H, W, H).
 - transform: (cx, cy, sx, sy) in the [-1, 1] frame of `grid_sample` with `align_corners=False`, where -1 and +1
@@ -9,13 +13,17 @@ Conventions (all tensors, leading batch dimensions allowed unless stated):
 - theta: (B, 2, 3) affine matrix mapping OUTPUT (crop) coordinates to INPUT (image) coordinates in that frame,
   as `F.affine_grid` defines it; a transform is theta = [[sx, 0, cx], [0, sy, cy]].
 A crop stays inside the image when |c| <= 1 - s on each axis.
+Conventions of the numpy part: an annotation box is (x, y, w, h) in pixels, as CUB's bounding_boxes.txt;
+parts are (P, 3) rows (x, y, visible); a pixel box of a photo is (x1, y1, x2, y2) with pixel EDGES as
+coordinates, so (0, 0, W, H) is the whole W x H photo.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +31,9 @@ from torch import Tensor
 from finegrain.errors import FinegrainError
 
 ALIGN_CORNERS = False  # pixel centres at (2i + 1) / n - 1: a box edge is a pixel edge, like slicing
+
+
+# ---- Differentiable crops (torch): boxes <-> transforms <-> affine theta, bounded transforms, crop ----
 
 
 def box_to_transform(boxes: Tensor) -> Tensor:
@@ -60,37 +71,6 @@ def check_scales(min_scale: float, max_scale: float = 1.0) -> None:
             f"min_scale {min_scale} and max_scale {max_scale} must satisfy 0 < min_scale <= max_scale <= 1 "
             "(crop side as a fraction of the image side); pick min_scale in (0, 1], e.g. 0.2"
         )
-
-
-BOX_GRADIENTS = ("autograd", "finite-difference")
-
-
-def check_box_gradient(method: str, box_gradient: str, box_step: float) -> None:
-    """Raise FinegrainError unless `box_gradient` is one of BOX_GRADIENTS and `box_step` is positive."""
-    if box_gradient not in BOX_GRADIENTS:
-        raise FinegrainError(f"{method} box_gradient {box_gradient!r} is unknown; choose one of {BOX_GRADIENTS}")
-    if not box_step > 0:
-        raise FinegrainError(f"{method} box_step must be positive (a raw step, e.g. 0.3), got {box_step}")
-
-
-def finite_difference_term(raw: Tensor, step: float, loss_at: Callable[[Tensor], Tensor]) -> Tensor:
-    """A term whose gradient gives `raw` (B, P), per image, the central differences of a per-image loss.
-
-    `loss_at(moved)` -> (B,) is that loss with the raw box parameters at `moved` (B, P); it is called 2P times,
-    without gradient, with one parameter at a time moved by ± `step` (in float32: a bf16 raw + step is off by
-    up to 1 %). d = (loss(r + step) - loss(r - step)) / (2 step); the term is sum(d * (raw - raw.detach())) / B:
-    zero in value, and its gradient reaches whatever produced `raw` as d. This is `box_gradient:
-    finite-difference`: the autograd box gradient of a CNN classifier points toward the bird no more often
-    than a coin flip, these differences do in 65-71 % of images (docs/benchmarks.md, "Which way is the bird?").
-    """
-    raw = raw.float()
-    slopes = torch.zeros_like(raw)
-    with torch.no_grad():
-        for param in range(raw.shape[-1]):
-            offset = torch.zeros_like(raw)
-            offset[:, param] = step
-            slopes[:, param] = (loss_at(raw + offset) - loss_at(raw - offset)) / (2 * step)
-    return (slopes * (raw - raw.detach())).sum() / len(raw)
 
 
 def bound_transform(raw: Tensor, min_scale: float, max_scale: float = 1.0, isotropic: bool = True,
@@ -194,3 +174,130 @@ def compose_transforms(outer: Tensor, inner: Tensor) -> Tensor:
     centre_o, scale_o = outer[..., :2], outer[..., 2:]
     centre_i, scale_i = inner[..., :2], inner[..., 2:]
     return torch.cat((centre_o + scale_o * centre_i, scale_o * scale_i), dim=-1)
+
+
+# ---- Box arithmetic on normalised xyxy boxes (torch) ----
+
+
+def box_centres(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy boxes -> (..., 2) centres (x, y)."""
+    return (boxes[..., :2] + boxes[..., 2:]) / 2
+
+
+def box_extents(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy boxes -> (..., 2) sides (width, height)."""
+    return boxes[..., 2:] - boxes[..., :2]
+
+
+def boxes_contain(boxes: Tensor, points: Tensor) -> Tensor:
+    """Whether each (..., 4) xyxy box holds its (..., 2) point, edges included; the two broadcast."""
+    return ((points >= boxes[..., :2]) & (points <= boxes[..., 2:])).all(dim=-1)
+
+
+# ---- Pixel boxes of photographs and their annotations (numpy) ----
+
+
+def box_corners(box: tuple[float, float, float, float]) -> np.ndarray:
+    """An (x, y, w, h) box -> its top-left and bottom-right corners (2, 2): what rides through a transform as
+    keypoints, since a transform's own box handling may drop a box that leaves the crop."""
+    x, y, w, h = box
+    return np.array([[x, y], [x + w, y + h]], np.float64)
+
+
+def corners_to_box(corners: np.ndarray) -> np.ndarray:
+    """Corner points (N, 2) -> the xyxy box they span, in whatever order they came (a mirror swaps them)."""
+    return np.concatenate([corners.min(axis=0), corners.max(axis=0)])
+
+
+def inside_unit_square(points: np.ndarray) -> np.ndarray:
+    """(N, 2) normalised points -> (N,) whether each lies in [0, 1] x [0, 1], edges included."""
+    return (points >= 0).all(axis=1) & (points <= 1).all(axis=1)
+
+
+def clip_to_image(box: tuple[float, float, float, float], parts: np.ndarray, width: int,
+                  height: int) -> tuple[tuple[float, float, float, float], np.ndarray, float]:  # fmt: skip
+    """An (x, y, w, h) box and its visible parts clipped to a width x height photograph (the parts as a copy),
+    and how far the box reached outside it in pixels (0 when inside). A box left without area keeps w or h at 0."""
+    x, y, w, h = box
+    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    overrun = max(0.0, -x, -y, x + w - width, y + h - height)
+    parts = parts.copy()
+    visible = parts[:, 2] > 0
+    parts[visible, 0] = parts[visible, 0].clip(0, width)
+    parts[visible, 1] = parts[visible, 1].clip(0, height)
+    return (x0, y0, x1 - x0, y1 - y0), parts, overrun
+
+
+def crop_region(image: np.ndarray, box: tuple[float, float, float, float], parts: np.ndarray, x0: int, y0: int,
+                x1: int, y1: int) -> tuple[np.ndarray, tuple, np.ndarray]:  # fmt: skip
+    """Pixels [x0, x1) x [y0, y1) of the image, with the (x, y, w, h) box and the parts moved into that frame
+    (what falls outside is clipped, or marked invisible, by `finegrain.data.transforms.apply_transform`)."""
+    x, y, w, h = box
+    parts = parts.copy()
+    parts[:, 0] -= x0
+    parts[:, 1] -= y0
+    return image[y0:y1, x0:x1], (x - x0, y - y0, w, h), parts
+
+
+def crop_to_box(image: np.ndarray, box: tuple[float, float, float, float],
+                parts: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:  # fmt: skip
+    """The "with boxes" setting: the whole pixels covering the (x, y, w, h) box, inside the image."""
+    height, width = image.shape[:2]
+    x, y, w, h = box
+    x0, y0 = int(max(0, np.floor(x))), int(max(0, np.floor(y)))
+    x1, y1 = int(min(width, np.ceil(x + w))), int(min(height, np.ceil(y + h)))
+    return crop_region(image, box, parts, x0, y0, x1, y1)
+
+
+def round_box(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """An xyxy pixel box with each edge at the nearest pixel edge: the pixels a crop of it takes."""
+    x1, y1, x2, y2 = (round(v) for v in box)
+    return x1, y1, x2, y2
+
+
+# ---- Network input <-> photograph (numpy) ----
+
+
+@dataclass(frozen=True)
+class InputFrame:
+    """Where a network input lies in a photograph: input pixel = photo pixel * scale + shift, per axis (x, y).
+
+    Read off where the eval transform carries the photo's corners (`frame_from_corners`), so it is that
+    transform's own map of points, the one training annotations take.
+    """
+
+    scale: tuple[float, float]
+    shift: tuple[float, float]
+    size: tuple[int, int]  # the input's (width, height) in pixels
+    photo_size: tuple[int, int]  # the photograph's (width, height)
+
+
+def photo_corners(width: int, height: int) -> np.ndarray:
+    """The corners (0, 0), (w, 0), (0, h), (w, h) of a width x height photograph, (4, 2)."""
+    return np.array([[0, 0], [width, 0], [0, height], [width, height]], np.float64)
+
+
+def frame_from_corners(corners: np.ndarray, photo_size: tuple[int, int], input_size: tuple[int, int],
+                       atol: float = 1e-3) -> InputFrame:  # fmt: skip
+    """The InputFrame of a photo whose `photo_corners` land at `corners` (4, 2) in input pixels.
+
+    Raises ValueError unless the four make an upright rectangle in their own order, within `atol` input pixels
+    (a transform that mirrors, rotates or shears has no frame of this kind).
+    """
+    corners = np.asarray(corners, np.float64).reshape(4, 2)
+    size = np.asarray(photo_size, np.float64)
+    scale = (corners[3] - corners[0]) / size
+    if not (scale > 0).all() or not np.allclose(corners, corners[0] + photo_corners(*photo_size) * scale, atol=atol):
+        raise ValueError(f"the photo's corners land at {corners.tolist()}: not the upright rectangle of a resize "
+                         "and crop, so no input frame maps boxes back")  # fmt: skip
+    return InputFrame(scale=(float(scale[0]), float(scale[1])), shift=(float(corners[0, 0]), float(corners[0, 1])),
+                      size=(int(input_size[0]), int(input_size[1])),
+                      photo_size=(int(photo_size[0]), int(photo_size[1])))  # fmt: skip
+
+
+def input_box_to_photo(box: np.ndarray, frame: InputFrame) -> np.ndarray:
+    """A normalised xyxy box of the network input -> xyxy pixels of the photo, clipped to the photo."""
+    size, scale, shift = (np.tile(np.asarray(v, np.float64), 2) for v in (frame.size, frame.scale, frame.shift))
+    pixels = (np.asarray(box, np.float64) * size - shift) / scale
+    return np.clip(pixels, 0.0, np.tile(np.asarray(frame.photo_size, np.float64), 2))
