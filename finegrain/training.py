@@ -250,9 +250,10 @@ def parser_message(message: str, command: str) -> str:
     option = re.search(r"Option '([^']+)' is not accepted", message)
     if key and option:
         name = option.group(1)
-        if key.group(1) == "model" and name in MOVED_MODEL_KEYS:
+        moved = name.split(".")[0]  # a YAML `method_args: {num_parts: 2}` is reported as method_args.num_parts
+        if key.group(1) == "model" and moved in MOVED_MODEL_KEYS:
             return (
-                f"model.{name} is a setting of the network now: write it under model.network.init_args "
+                f"model.{moved} is a setting of the network now: write it under model.network.init_args "
                 "(method baseline/stn/racnn: model.network.class_path finegrain.models.Classifier/STCNN/RACNN; "
                 "method_args go into init_args too); the built-in recipes show the form"
             )

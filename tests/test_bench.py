@@ -12,7 +12,7 @@ from PIL import Image
 
 from finegrain.bench.accuracy import Budget, summarize
 from finegrain.bench.plots import plot_reports
-from finegrain.bench.recipes import BENCH_CONFIGS, build_task, load_recipe
+from finegrain.bench.recipes import BENCH_CONFIGS, BENCH_SETUP, build_task, load_recipe, merge, read_yaml
 from finegrain.bench.report import command_line, render_markdown
 from finegrain.bench.speed import Settings, run_speed
 from finegrain.cli import main
@@ -29,10 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_recipe(method: str, folder: Path) -> Path:
-    """A bench recipe with test_resnet at 64 px, batch 4: the real recipe file, only smaller."""
-    config = yaml.safe_load((BENCH_CONFIGS / f"{method}.yaml").read_text())
+    """A bench recipe with test_resnet at 64 px, batch 4: the real recipe file (laid over the bench setup it is
+    read after), only smaller."""
+    config = merge(read_yaml(BENCH_SETUP), read_yaml(BENCH_CONFIGS / f"{method}.yaml"))
     model = config["model"].get("init_args", config["model"])
-    model.update(TINY)
+    model["network"]["init_args"].update(TINY)
     config["data"].update(img_size=64, batch_size=4)
     path = folder / f"{method}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -94,16 +95,20 @@ def test_bench_recipes_build_and_the_defaults_cover_every_method():
         if method != "racnn" or HAS_RACNN:
             assert recipe.unavailable() is None
             model = recipe.config["model"]
-            model.get("init_args", model).update(TINY)  # the recipe's own model section, on a tiny backbone
+            network = model.get("init_args", model)["network"]
+            network["init_args"].update(TINY)  # the recipe's own network, on a tiny backbone
             task = build_task(recipe)
-            assert task.hparams.num_classes == 10 and task.hparams.weights == "none"
+            assert task.num_classes == 10 and task.hparams.network["init_args"]["weights"] == "none"
+            assert task.hparams.network["class_path"] == network["class_path"]
+            assert {k: task.hparams.network["init_args"][k] for k in network["init_args"]} == network["init_args"]
 
 
 def test_accuracy_trains_and_tests_each_recipe_under_one_budget(synth_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "accuracy.json"
     args = ["bench", "accuracy", "stn", "racnn", "--quick", "--data", str(synth_root), "--epochs", "1",
-            "--img-size", "64", "--seed", "3", "--set", "model.backbone=test_resnet", "--set", "model.weights=none",
+            "--img-size", "64", "--seed", "3", "--set", "model.network.init_args.backbone=test_resnet",
+            "--set", "model.network.init_args.weights=none",
             "--set", "data.num_workers=0", "--set", "data.batch_size=8", "--set", "data.val_fraction=0.25",
             "--json", str(out)]  # fmt: skip
     assert main(args) == 0

@@ -1,23 +1,20 @@
-"""The data module over synthetic birds: samples, the "with boxes" crop and the bird square, splits and reproducible
-augmentation."""
+"""The data module over synthetic birds: samples, the "with boxes" crop, the network's preprocessing, splits and
+reproducible augmentation."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 
-from finegrain.data.cub import CUBRecord
-from finegrain.data.datamodule import CUBDataModule, square_on_bird
+from finegrain.data.datamodule import DEFAULT_PREPROCESSING, CUBDataModule
 from finegrain.errors import FinegrainError
+from finegrain.models.backbones import preprocessing_config
 
 
 def make(root, **kwargs) -> CUBDataModule:
-    module = CUBDataModule(root=str(root), backbone="test_resnet", img_size=64, batch_size=4, num_workers=0,
-                           val_fraction=0.25, **kwargs)  # fmt: skip
+    kwargs = {"preprocessing": preprocessing_config("test_resnet"), "img_size": 64} | kwargs  # as `finegrain fit` links
+    module = CUBDataModule(root=str(root), batch_size=4, num_workers=0, val_fraction=0.25, **kwargs)
     module.setup("fit")
     return module
 
@@ -57,34 +54,26 @@ def test_augmentation_is_reproducible_under_a_global_seed(synth_root):
     assert not torch.equal(other["image"], batches[0]["image"])
 
 
-def test_bird_square_is_the_square_on_the_bird_box_centre_kept_inside():
-    """Hand-computed on a 60 x 40 (width x height) image: side 0.5 -> 20 px. The box centre (54, 10) puts the
-    square at x 44-64, past the right edge, so it shifts to x 40-60; y 0-20 (its top would be at 0 anyway)."""
-    image = np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3)
-    parts = np.zeros((15, 3), np.float32)
-    parts[0] = (52, 8, 1)
-    record = CUBRecord(1, Path("bird.jpg"), 0, 1, True, (50.0, 5.0, 8.0, 10.0), parts)
-    region, box, moved = square_on_bird(image, record, side=0.5)
-    np.testing.assert_array_equal(region, image[0:20, 40:60])
-    assert box == (10.0, 5.0, 8.0, 10.0)
-    np.testing.assert_array_equal(moved[0], (12, 8, 1))
-    assert moved is not parts and parts[0, 0] == 52  # the record keeps its own parts
+def test_preprocessing_is_the_networks_unless_img_size_or_crop_pct_say_otherwise(synth_root):
+    network = preprocessing_config("test_resnet")  # 160 px, crop 0.95, mean 0.5
+    assert make(synth_root, img_size=None).preprocessing == network
+    assert make(synth_root, crop_pct=1.0).preprocessing == {**network, "img_size": 64, "crop_pct": 1.0}
+    # without a network's: ImageNet statistics at 224 px, and the same overrides
+    plain = make(synth_root, preprocessing=None, img_size=None)
+    assert plain.preprocessing == DEFAULT_PREPROCESSING
+    assert make(synth_root, preprocessing=None).preprocessing == {**DEFAULT_PREPROCESSING, "img_size": 64}
+    batch = next(iter(plain.val_dataloader()))
+    assert batch["image"].shape == (4, 3, 224, 224)
 
 
-def test_bird_square_through_the_data_module(synth_root):
-    module = make(synth_root, bird_square=0.5, crop_pct=1.0)
-    sample = module.datasets["test"][0]
-    record = module.datasets["test"].records[0]
-    x, y, w, h = record.box
-    box = sample["box"]
-    # the square is half the shorter side (128 px of 256) around the bird: the bird's centre is in it
-    centre = torch.tensor([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
-    assert ((centre > 0) & (centre < 1)).all() and sample["image"].shape[-2:] == (64, 64)
-    assert max(w, h) < 128 and torch.allclose(box[2:] - box[:2], torch.tensor([w, h]) / 128, atol=0.02)
-
-
-@pytest.mark.parametrize("kwargs", [{"bird_square": 0.0}, {"bird_square": 1.5},
-                                    {"bird_square": 0.5, "use_boxes": True}])  # fmt: skip
-def test_bad_bird_square_raises(synth_root, kwargs):
-    with pytest.raises(FinegrainError, match="bird_square"):
-        make(synth_root, **kwargs)
+def test_the_dataset_is_read_on_first_use_not_when_the_module_is_built(synth_root, tmp_path):
+    module = CUBDataModule(root=str(tmp_path / "nowhere"), num_workers=0)  # a recipe's settings, parsed and built
+    assert "metadata" not in vars(module)
+    with pytest.raises(FinegrainError, match="nowhere"):
+        _ = module.num_classes
+    module = CUBDataModule(root=str(synth_root), classes="2-3", num_workers=0)
+    assert "metadata" not in vars(module)
+    assert module.num_classes == 2 and "Plain_Finch" not in module.class_names  # class 1 left out
+    assert module.metadata is module.metadata  # read once
+    with pytest.raises(FinegrainError, match="data.batch_size must be 1 or more"):  # settings: still checked at once
+        CUBDataModule(root=str(tmp_path / "nowhere"), batch_size=0)

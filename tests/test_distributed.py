@@ -4,7 +4,6 @@ multi-device test metrics that count every test image exactly once."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import importlib.util
 import os
@@ -20,25 +19,26 @@ from pytorch_lightning.callbacks import Callback
 REPO = Path(__file__).resolve().parents[1]
 FINEGRAIN = Path(sys.executable).with_name("finegrain")
 
+
+def network(name: str, **init_args) -> dict:
+    """A recipe's model.network: finegrain.models.<name> on test_resnet."""
+    return {"class_path": f"finegrain.models.{name}", "init_args": {"backbone": "test_resnet", **init_args}}
+
+
 METHODS = {
-    "baseline": {"model": {"method": "baseline"}},
-    "baseline+cbam": {"model": {"method": "baseline", "attention": "cbam"}},
-    "stn": {"model": {"method": "stn", "method_args": {"num_parts": 1, "part_size": 32, "loc_size": 32}}},
-    "stn+finite-difference": {"model": {"method": "stn", "method_args": {
-        "num_parts": 1, "part_size": 32, "loc_size": 32, "box_gradient": "finite-difference"}}},
-}  # fmt: skip
+    "baseline": {"model": {"network": network("Classifier")}},
+    "baseline+cbam": {"model": {"network": network("Classifier", attention="cbam")}},
+    "stn": {"model": {"network": network("STCNN", num_parts=1, part_size=32, loc_size=32)}},
+}
 if importlib.util.find_spec("finegrain.tasks.racnn") is not None:
     # 2 images a batch: 4 steps, through APN pre-training, classification and ranking. Plain `ddp`, as a user
     # would ask: the CLI switches it to find unused parameters (RACNNTask.leaves_parameters_unused).
     METHODS["racnn"] = {
         "model": {"class_path": "finegrain.tasks.racnn.RACNNTask", "init_args": {
-            "backbone": "test_resnet", "lr": 0.05,
-            "method_args": {"scales": 2, "zoom_size": 64, "apn_grid": 2, "apn_hidden": 8},
+            "network": network("RACNN", scales=2, zoom_size=64, apn_grid=2, apn_hidden=8), "lr": 0.05,
             "pretrain_steps": 1, "classification_steps": 1, "ranking_steps": 1}},
         "data": {"img_size": 64, "batch_size": 2},
     }  # fmt: skip
-    METHODS["racnn+finite-difference"] = copy.deepcopy(METHODS["racnn"])
-    METHODS["racnn+finite-difference"]["model"]["init_args"]["method_args"]["box_gradient"] = "finite-difference"
 
 
 def tiny_config(root: Path, **sections) -> dict:
@@ -48,7 +48,7 @@ def tiny_config(root: Path, **sections) -> dict:
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "log_every_n_steps": 1,
                     "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"backbone": "test_resnet", "lr": 0.05},
+        "model": {"network": network("Classifier"), "lr": 0.05},
         "data": {"root": str(root), "img_size": 32, "batch_size": 4, "num_workers": 0, "val_fraction": 0.25},
     }  # fmt: skip
     for section, values in sections.items():

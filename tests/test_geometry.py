@@ -1,18 +1,24 @@
-"""The one crop implementation: conventions, bounds, gradients and precision."""
+"""The one geometry module: crop conventions, bounds, gradients and precision; pixel boxes and the input frame."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from finegrain.errors import FinegrainError
-from finegrain.models.geometry import (
+from finegrain.geometry import (
     bound_affine,
     bound_transform,
     box_to_transform,
+    boxes_contain,
+    clip_to_image,
     crop,
-    finite_difference_term,
+    crop_to_box,
+    frame_from_corners,
+    input_box_to_photo,
+    photo_corners,
     sampling_grid,
     theta_to_box,
     transform_to_box,
@@ -172,18 +178,36 @@ def test_box_gradient_is_the_derivative_of_the_crop():
     torch.testing.assert_close(raw.grad[0], finite, rtol=0.02, atol=1e-3)
 
 
-def test_finite_difference_term_is_zero_with_the_central_differences_as_gradient():
-    """loss(m) = sum(m^3) per image: the central difference of m^3 at step h is 3 r^2 + h^2, exactly."""
-    raw = torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.5, -0.25]], requires_grad=True)
-    calls = []
+def test_boxes_contain_their_edges():
+    boxes = torch.tensor([[0.2, 0.2, 0.6, 0.8]])
+    points = torch.tensor([[0.2, 0.8], [0.4, 0.5], [0.61, 0.5], [0.4, 0.1]])
+    assert boxes_contain(boxes, points).tolist() == [True, True, False, False]
 
-    def loss_at(moved: torch.Tensor) -> torch.Tensor:
-        calls.append(moved.requires_grad)
-        return moved.pow(3).sum(1)
 
-    term = finite_difference_term(raw * 1, 0.5, loss_at)
-    assert term.item() == 0.0 and calls == [False] * 6  # 2 probes per parameter, none tracked by autograd
-    term.backward()
-    torch.testing.assert_close(raw.grad, (3 * raw.detach() ** 2 + 0.25) / 2)  # divided by the batch of 2
-    half = finite_difference_term(raw.detach().bfloat16().requires_grad_(), 0.5, lambda m: m.pow(3).sum(1))
-    assert half.dtype == torch.float32  # probes in float32 whatever the raw's dtype
+def test_clip_to_image_clips_the_box_and_the_visible_parts_and_says_by_how_much():
+    parts = np.array([[-3.0, 5.0, 1.0], [70.0, 50.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
+    box, clipped, overrun = clip_to_image((-2.0, 10.0, 30.0, 35.0), parts, width=60, height=40)
+    assert box == (0.0, 10.0, 28.0, 30.0) and overrun == 5.0  # 10 + 35 = 45 reaches 5 px past the bottom
+    np.testing.assert_array_equal(clipped, [[0, 5, 1], [60, 40, 1], [0, 0, 0]])
+    assert parts[0, 0] == -3.0  # the caller's parts are left as they were
+    assert clip_to_image((1.0, 2.0, 3.0, 4.0), parts, 60, 40)[2] == 0.0
+
+
+def test_crop_to_box_takes_the_whole_pixels_under_the_box_and_moves_the_annotations():
+    image = np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3)
+    parts = np.array([[20.0, 15.0, 1.0]], np.float32)
+    region, box, moved = crop_to_box(image, (10.5, 5.2, 20.0, 40.0), parts)
+    np.testing.assert_array_equal(region, image[5:40, 10:31])  # floor/ceil of the edges, inside the image
+    assert box == pytest.approx((0.5, 0.2, 20.0, 40.0))
+    np.testing.assert_array_equal(moved, [[10, 10, 1]])
+
+
+def test_input_frame_from_corners_maps_input_boxes_back_and_refuses_a_mirror():
+    width, height = 400, 300
+    corners = photo_corners(width, height) * 0.5 - np.array([30.0, 5.0])  # half size, cropped at (30, 5)
+    frame = frame_from_corners(corners, (width, height), (100, 100))
+    assert frame.scale == (0.5, 0.5) and frame.shift == (-30.0, -5.0)
+    np.testing.assert_allclose(input_box_to_photo(np.array([0.0, 0.0, 0.5, 1.0]), frame), [60, 10, 160, 210])
+    np.testing.assert_allclose(input_box_to_photo(np.array([-1.0, 0.0, 9.0, 1.0]), frame), [0, 10, 400, 210])
+    with pytest.raises(ValueError, match="upright rectangle"):
+        frame_from_corners(corners[[1, 0, 3, 2]], (width, height), (100, 100))

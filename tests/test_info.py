@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from finegrain.cli import main
+from finegrain.training import CONFIGS
 
 # attention -> (parameters in millions, GFLOPs) as the paper reports them at 224 px with 1000 classes
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "baseline_cub.yaml"
+RECIPE = CONFIGS / "baseline_cub.yaml"
 PAPER = {"none": (25.56, 3.858), "se": (28.09, 3.860), "cbam": (28.09, 3.864)}
 
 
 @pytest.mark.parametrize("attention", sorted(PAPER))
 def test_info_matches_the_paper_for_resnet50(attention, capsys):
-    args = ["info", "--config", str(RECIPE), "--model.attention", attention,
+    args = ["info", "--config", str(RECIPE), "--model.network.init_args.attention", attention,
             "--data.img_size", "224", "--num_classes", "1000"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -17,23 +17,33 @@ from PIL import Image
 from torch import nn
 
 from finegrain.cli import main
-from finegrain.data.transforms import build_transform
+from finegrain.data.transforms import build_transform, input_frame
 from finegrain.errors import FinegrainError
+from finegrain.geometry import input_box_to_photo
 from finegrain.models import NETWORKS, ModelOutput
-from finegrain.predict import ModelConfig, Predictor, input_box_to_image, input_frame
+from finegrain.models.registry import METHOD_CLASS_PATHS
+from finegrain.package import ModelConfig
+from finegrain.predict import Predictor
 from finegrain.tasks.classification import ClassificationTask
 from tests.conftest import CUB_ROOT, needs_cub
 
 CLASS_NAMES = ["Plain_Finch", "Red_crowned_Finch", "Gold_crowned_Hookbill", "Sooty_Auklet"]
 PREPROCESSING = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "img_size": 64, "crop_pct": 0.875,
                  "interpolation": "bilinear"}  # fmt: skip
-# Small sizes for whichever of these a method takes, so that any method in NETWORKS gets a tiny network.
+# Small sizes for whichever of these a network takes, so that any network in NETWORKS gets a tiny one.
 TINY_ARGS = {"num_parts": 2, "part_size": 32, "loc_size": 32, "zoom_size": 32, "apn_hidden": 16}
 
 
-def tiny_method_args(method: str) -> dict:
-    accepted = inspect.signature(NETWORKS[method]).parameters
+def tiny_init_args(network: str) -> dict:
+    """TINY_ARGS that `network` (a class path in NETWORKS, or a method name: baseline, stn, racnn) takes."""
+    accepted = inspect.signature(NETWORKS[METHOD_CLASS_PATHS.get(network, network)]).parameters
     return {k: v for k, v in TINY_ARGS.items() if k in accepted}
+
+
+def tiny_network(method: str = "stn", attention: str = "cbam") -> nn.Module:
+    """A test_resnet network of `method` (a class path or method name) scoring CLASS_NAMES."""
+    cls = NETWORKS[METHOD_CLASS_PATHS.get(method, method)]
+    return cls(num_classes=len(CLASS_NAMES), backbone="test_resnet", attention=attention, **tiny_init_args(method))
 
 
 def write_checkpoint(path: Path, method: str = "stn", attention: str = "cbam", seed: int = 0, **hparams) -> Path:
@@ -43,8 +53,7 @@ def write_checkpoint(path: Path, method: str = "stn", attention: str = "cbam", s
     the same boxes for every image).
     """
     torch.manual_seed(seed)
-    task = ClassificationTask(num_classes=len(CLASS_NAMES), method=method, backbone="test_resnet",
-                              attention=attention, method_args=tiny_method_args(method), class_names=CLASS_NAMES,
+    task = ClassificationTask(network=tiny_network(method, attention), class_names=CLASS_NAMES,
                               preprocessing=PREPROCESSING)  # fmt: skip
     with torch.no_grad():
         for p in task.network.parameters():
@@ -147,16 +156,16 @@ class FixedBoxes(nn.Module):
 @pytest.mark.parametrize(
     ("size", "expected"),
     [
-        # 400x300 -> shorter side 300 to round(224 / 0.875) = 256: 341x256 (x 341/400, 256/300); centre crop
-        # 224 at (58, 16). Input box (0.25, 0.5, 0.75, 1) = (56, 112, 168, 224) px -> resized (114, 128, 226,
-        # 240) -> photo (114 * 400/341, 128 * 300/256, 226 * 400/341, 240 * 300/256).
-        ((400, 300), (114 * 400 / 341, 150.0, 226 * 400 / 341, 281.25)),
-        # portrait 300x400: resized 256x341, crop at (16, 58): (72, 170, 184, 282) -> (72 * 300/256, ...)
-        ((300, 400), (72 * 300 / 256, 170 * 400 / 341, 184 * 300 / 256, 282 * 400 / 341)),
+        # 400x300 -> shorter side 300 to round(224 / 0.875) = 256: points scale by 256/300 on both axes (the
+        # pixels to the rounded 341x256); centre crop 224 at (58, 16) of those pixels. Input box (0.25, 0.5,
+        # 0.75, 1) = (56, 112, 168, 224) px -> resized (114, 128, 226, 240) -> photo (114 * 300/256, ...).
+        ((400, 300), tuple(v * 300 / 256 for v in (114, 128, 226, 240))),
+        # portrait 300x400: crop at (16, 58): (72, 170, 184, 282) -> (72 * 300/256, ...)
+        ((300, 400), tuple(v * 300 / 256 for v in (72, 170, 184, 282))),
     ],
 )
 def test_boxes_map_back_through_resize_and_centre_crop_by_hand(size, expected):
-    config = ModelConfig("stn", {}, CLASS_NAMES, {**PREPROCESSING, "img_size": 224})
+    config = ModelConfig({"class_path": "FixedBoxes", "init_args": {}}, CLASS_NAMES, {**PREPROCESSING, "img_size": 224})
     predictor = Predictor(FixedBoxes([0.25, 0.5, 0.75, 1.0]), config)
     explanation = predictor.explain(photo(*size, seed=2))
     assert explanation.boxes["part"] == pytest.approx(expected, abs=1e-4)
@@ -164,35 +173,43 @@ def test_boxes_map_back_through_resize_and_centre_crop_by_hand(size, expected):
     assert explanation.crops["part"].size == (x2 - x1, y2 - y1)
     np.testing.assert_array_equal(np.asarray(explanation.crops["part"]), explanation.image[y1:y2, x1:x2])
     # the whole input frame: the 224 crop of the 256 resize, i.e. 0.875 of each side around the centre
-    width, height = size
-    assert explanation.input_box == pytest.approx(
-        (58 * width / 341, 16 * height / 256, 282 * width / 341, 240 * height / 256)
-        if width > height
-        else (16 * width / 256, 58 * height / 341, 240 * width / 256, 282 * height / 341),
-        abs=1e-4,
-    )
+    seen = (58, 16, 282, 240) if size[0] > size[1] else (16, 58, 240, 282)
+    assert explanation.input_box == pytest.approx(tuple(v * 300 / 256 for v in seen), abs=1e-4)
 
 
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875, 0.95])
 @pytest.mark.parametrize("size", [(400, 300), (301, 451), (64, 64), (999, 100)])
-def test_input_frame_mirrors_the_eval_transform(size, crop_pct):
-    """Photo points carried through the real transform as keypoints land where input_frame puts them.
+def test_input_frame_is_the_eval_transforms_own_map(size, crop_pct):
+    """Photo points carried through the real transform as keypoints, beside a real photo, land where the input
+    frame (measured on the photo's corners alone) puts them; its inverse maps the input back to the photo.
 
-    albumentations moves keypoints by the unrounded resize factor, the pixels by the rounded image size: they
-    agree to half a resized pixel.
+    albumentations moves keypoints by the unrounded resize factor, the pixels by the rounded image size: the two
+    agree to half a resized pixel, and the frame follows the points, as training's boxes and parts did.
     """
     preprocessing = {**PREPROCESSING, "img_size": 56, "crop_pct": crop_pct}
     width, height = size
+    transform = build_transform(preprocessing, train=False)
     points = np.array([[0, 0], [width, height], [width / 3, height / 5]], np.float32)
-    out = build_transform(preprocessing, train=False)(image=photo(width, height, 0), keypoints=points)
+    out = transform(image=photo(width, height, 0), keypoints=points)
     assert tuple(out["image"].shape) == (3, 56, 56)
-    frame = input_frame(width, height, preprocessing)
-    mapped = points * np.array(frame.scale) - np.array(frame.offset)
-    np.testing.assert_allclose(np.asarray(out["keypoints"])[:, :2], mapped, atol=0.5 + 1e-4)
+    frame = input_frame(transform, width, height)
+    assert frame.size == (56, 56) and frame.photo_size == size
+    mapped = points * np.array(frame.scale) + np.array(frame.shift)
+    np.testing.assert_allclose(np.asarray(out["keypoints"])[:, :2], mapped, atol=1e-3)
     # and back: the input's own corners are the photo region the network saw
-    seen = input_box_to_image(np.array([0.0, 0.0, 1.0, 1.0]), frame)
-    np.testing.assert_allclose(seen, [*np.array(frame.offset) / frame.scale,
-                                      *(np.array(frame.offset) + 56) / frame.scale])  # fmt: skip
+    seen = input_box_to_photo(np.array([0.0, 0.0, 1.0, 1.0]), frame)
+    corners = (np.array([[0, 0], [56, 56]]) - np.array(frame.shift)) / np.array(frame.scale)
+    np.testing.assert_allclose(seen, np.clip(corners.ravel(), 0, [width, height, width, height]), atol=1e-4)
+
+
+def test_the_input_frame_is_measured_once_per_photo_size():
+    config = ModelConfig({"class_path": "FixedBoxes", "init_args": {}}, CLASS_NAMES, PREPROCESSING)
+    predictor = Predictor(FixedBoxes([0.25, 0.5, 0.75, 1.0]), config)
+    first = predictor.explain([photo(80, 60, 0), photo(60, 90, 1), photo(80, 60, 2)])
+    again = predictor.explain(photo(80, 60, 3))
+    assert first[0].boxes == first[2].boxes == again.boxes and first[1].boxes != first[0].boxes
+    info = predictor._frames.cache_info()
+    assert (info.misses, info.hits) == (2, 2)
 
 
 def test_explain_and_visualize(predictor, tmp_path):
@@ -226,11 +243,17 @@ def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path, stn_checkpoint):
     torch.save(Path("x"), tmp_path / "code.ckpt")  # needs unpickling a class: refused, never run
     cases["code"] = tmp_path / "code.ckpt"
     checkpoint = torch.load(stn_checkpoint, weights_only=True)
-    checkpoint["hyper_parameters"]["method"] = "capsnet"
+    hparams = checkpoint["hyper_parameters"]
+    checkpoint["hyper_parameters"] = {**hparams, "network": {**hparams["network"], "class_path": "capsnet.CapsNet"}}
+    torch.save(checkpoint, tmp_path / "network.ckpt")
+    cases["network"] = tmp_path / "network.ckpt"
+    # written before networks were given by class path: a `method` name and the network's arguments
+    old = {k: v for k, v in hparams.items() if k != "network"}
+    checkpoint["hyper_parameters"] = {**old, **hparams["network"]["init_args"], "method": "capsnet"}
     torch.save(checkpoint, tmp_path / "method.ckpt")
     cases["method"] = tmp_path / "method.ckpt"
-    checkpoint["hyper_parameters"]["method"] = "stn"
-    checkpoint["hyper_parameters"]["backbone"] = "test_efficientnet"  # the weights are test_resnet's
+    init_args = {**hparams["network"]["init_args"], "backbone": "test_efficientnet"}  # the weights are test_resnet's
+    checkpoint["hyper_parameters"] = {**hparams, "network": {**hparams["network"], "init_args": init_args}}
     torch.save(checkpoint, tmp_path / "mismatch.ckpt")
     cases["mismatch"] = tmp_path / "mismatch.ckpt"
     (tmp_path / "folder").mkdir()
@@ -244,7 +267,9 @@ def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path, stn_checkpoint):
     cases["safetensors"] = tmp_path / "model.safetensors"
     expected = {"missing": "not found", "junk": "not a PyTorch checkpoint", "plain": "not a finegrain training",
                 "code": r"refused: it pickles Python objects \(pathlib.PosixPath\), so loading it would run code",
-                "method": "'capsnet' network", "mismatch": "do not fit the stn", "folder": "without finegrain.json",
+                "network": "network capsnet.CapsNet cannot be imported", "method": r"\(method 'capsnet'\)",
+                "mismatch": r"do not fit the STCNN network \(backbone test_efficientnet\)",
+                "folder": "without finegrain.json",
                 "truncated": "is truncated or corrupt", "empty": "is an empty file",
                 "safetensors": "bare weights without their network"}  # fmt: skip
     for name, path in cases.items():
@@ -274,8 +299,8 @@ def fit_stn(root: Path, folder: Path) -> Path:
     """A real `finegrain fit` run: one epoch of two batches on the synthetic birds."""
     args = ["fit", "--run_name", "p", "--seed_everything", "0", "--data.root", str(root),
             "--data.img_size", "64", "--data.batch_size", "8", "--data.num_workers", "0",
-            "--model.method", "stn", "--model.backbone", "test_resnet",
-            "--model.method_args", json.dumps(tiny_method_args("stn")),
+            "--model.network", "finegrain.models.STCNN", "--model.network.init_args.backbone", "test_resnet",
+            *[f"--model.network.init_args.{key}={value}" for key, value in tiny_init_args("stn").items()],
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false"]  # fmt: skip
@@ -287,7 +312,8 @@ def test_cli_predicts_a_checkpoint_written_by_fit(synth_root, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     checkpoint = fit_stn(synth_root, tmp_path)
     predictor = Predictor.from_checkpoint(checkpoint)
-    assert predictor.config.method == "stn" and predictor.config.network["num_parts"] == 2
+    assert predictor.config.network["class_path"] == "finegrain.models.STCNN"
+    assert predictor.config.network["init_args"]["num_parts"] == 2
     assert predictor.config.preprocessing["img_size"] == 64 and len(predictor.class_names) == 4
     capsys.readouterr()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -15,9 +14,7 @@ from torch.utils.data import DataLoader
 
 from finegrain.cli import main
 from finegrain.errors import FinegrainError
-from finegrain.models.backbones import create_backbone
-from finegrain.models.complexity import count_gflops
-from finegrain.models.geometry import (
+from finegrain.geometry import (
     bound_transform,
     box_to_transform,
     compose_transforms,
@@ -25,12 +22,14 @@ from finegrain.models.geometry import (
     transform_to_box,
     transform_to_theta,
 )
+from finegrain.models.backbones import create_backbone
+from finegrain.models.complexity import count_gflops
 from finegrain.models.racnn import RACNN, apn_target, ranking_loss
 from finegrain.tasks.racnn import RACNNTask, phase_at
+from finegrain.training import CONFIGS
 from tests.test_training import last_metrics
 
 H, W = 48, 64  # non-square, so a swapped x/y cannot pass
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -189,49 +188,6 @@ def test_ranking_loss_reaches_both_apns_and_classification_loss_does_not():
     assert all(p.grad is None for p in model.apns.parameters())
 
 
-def test_finite_difference_apn_gradient_is_each_apn_parameters_ranking_loss_slope():
-    """The estimate's gradient on each APN's last bias = mean over images of (loss(r + h) - loss(r - h)) / 2h,
-    computed here by moving that bias (with zero weights it IS every image's raw output); moving APN 1 also
-    moves scale 3, whose crop lies inside scale 2's."""
-    torch.manual_seed(0)
-    model = tiny(box_gradient="finite-difference", box_step=0.25).eval()
-    for apn, raw in zip(model.apns, ([0.3, -0.2, 0.1], [-0.4, 0.2, -0.3]), strict=True):
-        set_apn_output(apn, raw)
-    images, labels = torch.rand(4, 3, H, W), torch.tensor([0, 1, 2, 3])
-
-    def per_image(logits: list[torch.Tensor]) -> torch.Tensor:
-        return ranking_loss(logits, labels, margin=0.9, reduction="none")
-
-    zoom = model.zoom_in(images, detach_boxes=True)
-    estimate = model.box_estimate(images, zoom.raw, per_image)
-    assert estimate.item() == 0.0
-    estimate.backward()
-    for apn in model.apns:
-        expected = torch.zeros(3)
-        with torch.no_grad():
-            for k in range(3):
-                losses = []
-                for sign in (1, -1):
-                    apn.fc2.bias[k] += sign * 0.25
-                    losses.append(per_image(list(model(images).branch_logits.values())))
-                    apn.fc2.bias[k] -= sign * 0.25
-                expected[k] = ((losses[0] - losses[1]) / 0.5).mean()
-        torch.testing.assert_close(apn.fc2.bias.grad, expected, atol=1e-5, rtol=1e-4)
-        assert expected.abs().sum() > 0
-
-
-def test_finite_difference_estimate_under_bf16_autocast_is_float32():
-    torch.manual_seed(0)
-    model = tiny(box_gradient="finite-difference").eval()
-    images, labels = torch.rand(2, 3, H, W), torch.tensor([0, 1])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        zoom = model.zoom_in(images, detach_boxes=True)
-        estimate = model.box_estimate(images, zoom.raw, lambda logits: ranking_loss(logits, labels, 0.9, "none"))
-    assert estimate.dtype == torch.float32 and estimate.item() == 0.0
-    estimate.backward()
-    assert all(torch.isfinite(apn.fc2.bias.grad).all() for apn in model.apns)
-
-
 def test_classification_phase_loss_of_a_finer_scale_trains_only_that_scale():
     """Without the cut, scale 2's loss reaches scale 1's backbone through the frozen APN's input: in the
     classification phase it reshaped scale 1's features to move the crop (scale 1 then trailed the baseline,
@@ -261,16 +217,12 @@ def test_phase_schedule():
 def test_bad_settings_get_clear_errors():
     with pytest.raises(FinegrainError, match="scales must be 2 or 3"):
         tiny(scales=4)
-    with pytest.raises(FinegrainError, match="RA-CNN box_gradient 'reinforce' is unknown"):
-        tiny(box_gradient="reinforce")
-    with pytest.raises(FinegrainError, match="RA-CNN box_step must be positive"):
-        tiny(box_step=0.0)
     with pytest.raises(FinegrainError, match="pretrain_scale 0.5 of the previous side, outside min_scale 0.6"):
-        RACNNTask(num_classes=3, backbone="test_resnet", method_args={"min_scale": 0.6}, pretrain_steps=5)
+        RACNNTask(network=tiny(num_classes=3, min_scale=0.6), pretrain_steps=5)
     with pytest.raises(FinegrainError, match="pretrain_scale 0.9 .* max_scale 0.8"):
-        RACNNTask(num_classes=3, backbone="test_resnet", pretrain_steps=5, pretrain_scale=0.9)
+        RACNNTask(network=tiny(num_classes=3), pretrain_steps=5, pretrain_scale=0.9)
     with pytest.raises(FinegrainError, match="classification_steps >= 1"):
-        RACNNTask(num_classes=3, backbone="test_resnet", classification_steps=0)
+        RACNNTask(network=tiny(num_classes=3), classification_steps=0)
 
 
 def test_lr_groups_cover_every_parameter_once_and_two_scales_work():
@@ -314,13 +266,11 @@ class PhaseRecorder(pl.Callback):
         self.steps[-1]["bn_changed"] = any(not torch.equal(a, b) for a, b in zip(self.stats, stats, strict=True))
 
 
-@pytest.mark.parametrize("box_gradient", ["autograd", "finite-difference"])
-def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns_learn(box_gradient):
+def test_each_phase_trains_only_its_parameters_and_freezes_batch_norm_while_apns_learn():
     torch.manual_seed(0)
     images = torch.rand(16, 3, H, W, generator=torch.Generator().manual_seed(0))
     data = [{"image": image, "label": torch.tensor(i % 4)} for i, image in enumerate(images)]
-    task = RACNNTask(num_classes=4, backbone="test_resnet", lr=0.1, lr_scales={"backbone": 1.0}, margin=0.9,
-                     method_args={"zoom_size": 24, "apn_grid": 2, "apn_hidden": 8, "box_gradient": box_gradient},
+    task = RACNNTask(network=tiny(num_classes=4, zoom_size=24), lr=0.1, lr_scales={"backbone": 1.0}, margin=0.9,
                      pretrain_steps=2, classification_steps=2, ranking_steps=2, apn_optimizer="adamw")  # fmt: skip
     recorder = PhaseRecorder()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -346,8 +296,10 @@ def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, mo
         "fit", "--config", str(CONFIGS / "racnn_synth.yaml"), "--run_name", "r",
         "--data.root", str(synth_root), "--data.img_size", "64", "--data.batch_size", "8",
         "--data.num_workers", "0", "--data.val_fraction", "0.25",
-        "--model.init_args.backbone", "test_resnet", "--model.init_args.weights", "none",
-        "--model.init_args.method_args", '{"zoom_size": 32, "apn_grid": 2, "apn_hidden": 8}',
+        "--model.init_args.network.init_args.backbone", "test_resnet",
+        "--model.init_args.network.init_args.weights", "none",
+        "--model.init_args.network.init_args.zoom_size", "32", "--model.init_args.network.init_args.apn_grid", "2",
+        "--model.init_args.network.init_args.apn_hidden", "8",
         "--model.init_args.pretrain_steps", "1", "--model.init_args.classification_steps", "2",
         "--model.init_args.ranking_steps", "1",
         "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
@@ -362,7 +314,10 @@ def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, mo
                 "val/boxes/scale2/side", "val/boxes/scale3/centre_spread", "val/loc/scale3/contains_bird_centre"):
         assert key in metrics, key
     checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["hyper_parameters"]["method"] == "racnn" and checkpoint["global_step"] == 4
+    network = checkpoint["hyper_parameters"]["network"]
+    assert network["class_path"] == "finegrain.models.RACNN" and checkpoint["global_step"] == 4
+    assert {k: network["init_args"][k] for k in ("backbone", "zoom_size", "apn_grid", "num_classes")} == {
+        "backbone": "test_resnet", "zoom_size": 32, "apn_grid": 2, "num_classes": 4}  # fmt: skip
     assert main(["test", *args[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
     assert "test/scale2/top1" in last_metrics(run)
 
@@ -378,7 +333,7 @@ def test_recipes_parse(recipe, capsys):
 def test_info_counts_three_vgg19_scales(capsys):
     assert main(["info", "--config", str(CONFIGS / "racnn_cub.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "network     racnn: vgg19, 200 classes" in out and "input size  448x448" in out
+    assert "network     RACNN: vgg19, 200 classes" in out and "input size  448x448" in out
     # three headless VGG-19s (143.67 M minus the 4096 x 1000 classifier), two APNs on the 14 x 14 pool5 map
     # pooled to 7 x 7, a classifier per scale and the fused one
     vgg = 143_667_240 - 4097 * 1000

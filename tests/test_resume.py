@@ -12,9 +12,9 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from finegrain.callbacks import WANDB_ID_FILE, AtomicCheckpointIO
 from finegrain.cli import main
-from finegrain.training import WANDB_ID_FILE, AtomicCheckpointIO
-from tests.test_distributed import run_finegrain, tiny_config, write_config
+from tests.test_distributed import network, run_finegrain, tiny_config, write_config
 
 EPOCHS = 3  # 16 training images, 4 a batch: 4 steps an epoch, 12 in all
 
@@ -49,7 +49,7 @@ def recipe(folder: Path, root: Path, *callbacks: dict, logger: dict | bool = Tru
     """3 epochs with dropout (model randomness) and a loader worker (Lightning starts workers before it restores
     the epoch: the case to get right)."""
     config = tiny_config(root, trainer={"max_epochs": EPOCHS, "callbacks": list(callbacks), "logger": logger},
-                         data={"num_workers": 1}, model={"backbone": "test_resnet", "drop_rate": 0.3})  # fmt: skip
+                         data={"num_workers": 1}, model={"network": network("Classifier", drop_rate=0.3)})  # fmt: skip
     return write_config(folder, config)
 
 

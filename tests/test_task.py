@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from finegrain.errors import FinegrainError
-from finegrain.models import ModelOutput, build_network
-from finegrain.tasks.classification import ClassificationTask, accuracy_metrics, warmup_cosine
+from finegrain.evaluation.metrics import accuracy_metrics
+from finegrain.models import Classifier, ModelOutput, create_network
+from finegrain.tasks.classification import ClassificationTask, warmup_cosine
 
 
-def make_task(**kwargs) -> ClassificationTask:
-    return ClassificationTask(num_classes=6, backbone="test_resnet", **kwargs)
+def make_task(attention: str = "none", **kwargs) -> ClassificationTask:
+    return ClassificationTask(network=Classifier(num_classes=6, backbone="test_resnet", attention=attention), **kwargs)
 
 
 def test_warmup_cosine_hand_computed():
@@ -25,21 +26,30 @@ def test_warmup_cosine_hand_computed():
     assert warmup_cosine(99, 4, 20) == pytest.approx(0.01)
 
 
-def test_network_registry_rejects_unknown_methods_and_arguments():
-    with pytest.raises(FinegrainError, match="model.method 'racnn9'"):
-        build_network("racnn9", num_classes=3, backbone="test_resnet")
-    with pytest.raises(FinegrainError, match=r"\['zoom'\] do not belong to method 'baseline'"):
-        build_network("baseline", num_classes=3, backbone="test_resnet", zoom=2)
+def test_network_registry_rejects_unknown_networks_and_arguments():
+    with pytest.raises(FinegrainError, match="racnn9 is not a registered network; choose one of .*Classifier"):
+        create_network("racnn9", num_classes=3, backbone="test_resnet")
+    with pytest.raises(FinegrainError, match="finegrain.models.Nope is not a registered network"):
+        create_network("finegrain.models.Nope", num_classes=3)
+    with pytest.raises(FinegrainError, match="network nowhere.Net cannot be imported"):
+        create_network("nowhere.Net", num_classes=3)
+    with pytest.raises(FinegrainError, match=r"\['zoom'\] are not arguments of network finegrain.models.Classifier"):
+        create_network("baseline", num_classes=3, backbone="test_resnet", zoom=2)
 
 
-def test_method_args_given_on_the_command_line_are_read_as_yaml():
-    """`--model.method_args.min_scale 0.4` arrives as the string "0.4"; arguments that take strings stay strings."""
-    net = build_network("stn", num_classes=3, backbone="test_resnet", min_scale="0.4", num_parts="3",
-                        global_branch="true", box_gradient="finite-difference", loc_backbone="test_resnet")  # fmt: skip
-    assert (net.min_scale, net.num_parts, net.box_gradient) == (0.4, 3, "finite-difference")
-    assert net.global_net is not None
-    with pytest.raises(FinegrainError, match=r"method_args.min_scale must be a number, got 'small'"):
-        build_network("stn", num_classes=3, backbone="test_resnet", min_scale="small")
+def test_the_task_stores_what_rebuilds_its_network():
+    """hparams["network"] is the network's class path and every constructor argument, defaults included, and
+    create_network builds the same network from it (same parameter names and shapes)."""
+    task = ClassificationTask(network=create_network("stn", num_classes=3, backbone="test_resnet", part_size=32,
+                                                     loc_size=64, num_parts=3))  # fmt: skip
+    spec = task.hparams["network"]
+    assert spec["class_path"] == "finegrain.models.STCNN"
+    assert {k: spec["init_args"][k] for k in ("num_classes", "backbone", "part_size", "num_parts", "min_scale")} == {
+        "num_classes": 3, "backbone": "test_resnet", "part_size": 32, "num_parts": 3, "min_scale": 0.2}  # fmt: skip
+    assert task.num_classes == 3
+    again = create_network(spec["class_path"], **spec["init_args"])
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in task.network.state_dict().items()}  # fmt: skip
 
 
 def test_forward_returns_the_shared_result_and_gradients_reach_backbone_and_head():
@@ -91,7 +101,12 @@ def test_metrics_are_micro_top1_top5_and_mean_per_class():
 def test_hyperparameters_are_plain_types_for_weights_only_loading():
     task = make_task(class_names=["a"] * 6, preprocessing={"img_size": 64, "mean": [0.5] * 3})
     allowed = (int, float, str, bool, type(None), list, dict)
-    assert all(isinstance(v, allowed) for v in task.hparams.values())
+
+    def plain(value) -> bool:  # the network's init_args are nested inside hparams["network"]
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        return isinstance(value, allowed) and all(plain(child) for child in children)
+
+    assert all(plain(v) for v in task.hparams.values()) and isinstance(task.hparams["network"]["init_args"], dict)
 
 
 def test_attention_gates_form_their_own_group_at_the_head_rate():

@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from finegrain.cli import main
+from finegrain.training import CONFIGS
 from tests.conftest import CUB_ROOT, needs_cub
 
 
-def fit_args(root: Path, *extra: str, backbone: str = "test_resnet", epochs: int = 2) -> list[str]:
+def fit_args(root: Path, *extra: str, network: str = "finegrain.models.Classifier", backbone: str = "test_resnet",
+             epochs: int = 2) -> list[str]:  # fmt: skip
     return [
         "fit", "--run_name", "t", "--seed_everything", "0",
         "--data.root", str(root), "--data.img_size", "64", "--data.batch_size", "8", "--data.num_workers", "0",
         "--data.val_fraction", "0.25",
-        "--model.backbone", backbone, "--model.lr", "0.05",
+        "--model.network", network, "--model.network.init_args.backbone", backbone, "--model.lr", "0.05",
         "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         *extra,
@@ -46,7 +48,9 @@ def test_fit_writes_best_and_last_then_resumes(synth_root, tmp_path, monkeypatch
     checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["num_classes"] == 4 and len(hparams["class_names"]) == 4
+    assert hparams["network"]["class_path"] == "finegrain.models.Classifier"
+    assert hparams["network"]["init_args"]["num_classes"] == 4 and len(hparams["class_names"]) == 4
+    assert hparams["network"]["init_args"]["backbone"] == "test_resnet"
     assert hparams["preprocessing"]["img_size"] == 64
     metrics = last_metrics(run)
     for key in ("train/loss_epoch", "val/top1", "val/top5", "val/mean_class", "train/top1"):
@@ -77,7 +81,7 @@ def test_missing_images_stop_training_before_the_first_step(synth_root, tmp_path
 
 def test_wrong_config_values_get_a_clear_error(synth_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(fit_args(synth_root, "--model.backbone", "resnet5O")) == 2
+    assert main(fit_args(synth_root, backbone="resnet5O")) == 2
     assert "resnet5O" in capsys.readouterr().err
     assert main(fit_args(tmp_path / "nowhere")) == 2
     assert "prepare-cub" in capsys.readouterr().err
@@ -90,8 +94,9 @@ def test_embedded_lite0_learns_synthetic_birds_from_their_boxes(tmp_path, monkey
 
     root = synthesize_birds(tmp_path / "birds", num_classes=3, per_class=40, seed=1)
     monkeypatch.chdir(tmp_path)
-    args = fit_args(root, "--model.weights", "embedded-lite0", "--data.use_boxes", "true", "--data.img_size", "128",
-                    "--data.val_fraction", "0.2", backbone="efficientnet_lite0", epochs=8)  # fmt: skip
+    args = fit_args(root, "--model.network.init_args.weights", "embedded-lite0", "--data.use_boxes", "true",
+                    "--data.img_size", "128", "--data.val_fraction", "0.2", backbone="efficientnet_lite0",
+                    epochs=8)  # fmt: skip
     assert main(args) == 0
     run = tmp_path / "checkpoints" / "t"
     assert main(["test", *args[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
@@ -102,9 +107,11 @@ def test_embedded_lite0_learns_synthetic_birds_from_their_boxes(tmp_path, monkey
 def test_stn_run_logs_each_part_its_boxes_and_where_they_fall(synth_root, tmp_path, monkeypatch):
     """An ST-CNN run logs accuracy per part, box statistics and localisation against the bird box and parts."""
     monkeypatch.chdir(tmp_path)
-    method = ["--model.method", "stn", "--model.method_args", "{num_parts: 2, part_size: 32, loc_size: 64}"]
-    assert main(fit_args(synth_root, *method, epochs=1)) == 0
-    assert main(["test", *fit_args(synth_root, *method)[1:], "--ckpt_path", "checkpoints/t/last.ckpt"]) == 0
+    stn = "finegrain.models.STCNN"
+    parts = [f"--model.network.init_args.{key}={value}" for key, value in
+             (("num_parts", 2), ("part_size", 32), ("loc_size", 64))]  # fmt: skip
+    assert main(fit_args(synth_root, *parts, network=stn, epochs=1)) == 0
+    assert main(["test", *fit_args(synth_root, *parts, network=stn)[1:], "--ckpt_path", "checkpoints/t/last.ckpt"]) == 0
     metrics = last_metrics(tmp_path / "checkpoints" / "t")
     for stage in ("val", "test"):
         for part in ("part1", "part2"):
@@ -145,8 +152,8 @@ def test_resuming_with_settings_that_do_not_fit_is_refused_before_anything_is_wr
     assert "checkpoints/t/last.ckpt does not fit these settings: it was trained on 4 classes" in err
     assert "these settings give 2" in err and "Traceback" not in err
     assert run_files(run) == before
-    assert main(fit_args(synth_root, "--ckpt_path", "last", "--model.backbone", "test_efficientnet", epochs=2)) == 2
-    assert "model.backbone was 'test_resnet', now 'test_efficientnet'" in capsys.readouterr().err
+    assert main(fit_args(synth_root, "--ckpt_path", "last", backbone="test_efficientnet", epochs=2)) == 2
+    assert "model.network's backbone was 'test_resnet', now 'test_efficientnet'" in capsys.readouterr().err
     assert run_files(run) == before
     test_args = ["test", *fit_args(synth_root, "--data.classes", "2-4")[1:]]
     assert main([*test_args, "--ckpt_path", str(run / "best.ckpt")]) == 2
@@ -194,7 +201,7 @@ def test_unreachable_timm_weights_end_in_one_line(synth_root, tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    assert main(fit_args(synth_root, "--model.weights", "timm")) == 2
+    assert main(fit_args(synth_root, "--model.network.init_args.weights", "timm")) == 2
     err = capsys.readouterr().err
     assert "finegrain: error: timm weights for 'test_resnet' are not in the local cache and HF_HUB_OFFLINE" in err
     assert "Union subtypes" not in err and "Traceback" not in err
@@ -220,7 +227,7 @@ def test_an_ordinary_resume_prints_no_lightning_notes(synth_root, tmp_path, monk
 def test_the_official_classes_1_to_30_train_as_downloaded(tmp_path, monkeypatch):
     """Images 960, 999 and 1218 have official boxes that overrun their photographs: clipped, the run trains."""
     monkeypatch.chdir(tmp_path)
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "lite0_cub10.yaml"
+    recipe = CONFIGS / "lite0_cub10.yaml"
     args = ["fit", "--config", str(recipe), "--data.root", str(CUB_ROOT), "--data.classes", "1-30",
             "--data.img_size", "96", "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_steps", "2",
             "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
+from finegrain.callbacks import WANDB_ID_FILE, configure_wandb, wandb_mode
 from finegrain.cli import main
-from finegrain.training import WANDB_ID_FILE, configure_wandb, wandb_mode
-from tests.test_distributed import tiny_config, write_config
+from tests.test_distributed import network, tiny_config, write_config
 
 WANDB_LOGGER = {"class_path": "pytorch_lightning.loggers.WandbLogger",
                 "init_args": {"project": "finegrain-test", "log_model": True}}  # fmt: skip
@@ -59,10 +59,9 @@ def test_offline_arguments_and_persisted_run_id(logged_out, tmp_path):
 def test_offline_run_holds_metrics_box_panels_crops_and_test_tables(logged_out, synth_root, tmp_path, monkeypatch,
                                                                      caplog):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    stn = {"method": "stn", "method_args": {"num_parts": 1, "part_size": 32, "loc_size": 32}}
-    config = write_config(tmp_path, tiny_config(synth_root, model={"backbone": "test_resnet", **stn},
-                                                trainer={"logger": WANDB_LOGGER}))  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="finegrain.training"):
+    stn = network("STCNN", num_parts=1, part_size=32, loc_size=32)
+    config = write_config(tmp_path, tiny_config(synth_root, model={"network": stn}, trainer={"logger": WANDB_LOGGER}))
+    with caplog.at_level(logging.WARNING, logger="finegrain.callbacks"):
         assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "checkpoints" / "tiny"
     run_id = (run / WANDB_ID_FILE).read_text().strip()
