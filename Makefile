@@ -18,13 +18,14 @@ DEMO_PHOTOS = $$(awk 'NR == FNR { test[$$1] = $$2 == 0; next } test[$$1] { speci
 	$(DEMO_DATA)/train_test_split.txt $(DEMO_DATA)/images.txt)
 
 demo: $(STAMP)
-	$(BIN)/finegrain fit --config configs/demo.yaml --overwrite true
-	$(BIN)/finegrain test --config configs/demo.yaml --ckpt_path checkpoints/demo/best.ckpt
+	$(BIN)/finegrain fit --config demo --overwrite true
+	$(BIN)/finegrain test --config demo --ckpt_path checkpoints/demo/best.ckpt
 	$(BIN)/finegrain predict $(DEMO_PHOTOS) --checkpoint checkpoints/demo/best.ckpt --top-k 3 \
 		--save-viz checkpoints/demo/viz
 
 test: $(STAMP)
 	$(BIN)/ruff check finegrain tests
+	$(BIN)/ruff format --check finegrain tests
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

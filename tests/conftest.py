@@ -15,8 +15,10 @@ needs_cub = pytest.mark.skipif(not (CUB_ROOT / "images.txt").is_file(), reason=f
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path_factory, monkeypatch):
-    """Image-check results are remembered under a folder of the test session's own, never the user's cache."""
+    """Image-check results go to a folder of the test session's own, never the user's cache; W&B stays offline."""
     monkeypatch.setenv("FINEGRAIN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "finegrain-cache"))
+    # configs/base.yaml gives every fit a W&B logger: tests never send runs online, whatever the machine's login
+    monkeypatch.setenv("WANDB_MODE", "offline")
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,14 @@ LAYERS = [
     ["finegrain.evaluation"],
     ["finegrain.tasks"],
     ["finegrain.checkpoints", "finegrain.callbacks", "finegrain.training"],
-    ["finegrain.explain", "finegrain.package", "finegrain.predict", "finegrain.predict_files", "finegrain.visualize",
-     "finegrain.export"],  # fmt: skip
+    [
+        "finegrain.explain",
+        "finegrain.package",
+        "finegrain.predict",
+        "finegrain.predict_files",
+        "finegrain.visualize",
+        "finegrain.export",
+    ],  # fmt: skip
     ["finegrain.bench"],
     ["finegrain.cli"],
 ]
@@ -68,7 +74,7 @@ def test_no_import_cycles():
         state[module] = 1
         for nxt in sorted(edges.get(module, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join([*path[path.index(nxt):], nxt]) if nxt in path else f"{module} -> {nxt}")
+                cycles.append(" -> ".join([*path[path.index(nxt) :], nxt]) if nxt in path else f"{module} -> {nxt}")
             elif state.get(nxt) is None and nxt in edges:
                 visit(nxt, [*path, nxt])
         state[module] = 2

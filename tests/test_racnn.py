@@ -310,8 +310,16 @@ def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, mo
     metrics = last_metrics(run)
     for phase in ("pretrain", "classification", "ranking"):
         assert metrics[f"train/steps_{phase}"] >= 1, phase
-    for key in ("train/rank_loss_epoch", "train/apn_loss_epoch", "train/loss_epoch", "val/top1", "val/scale3/top1",
-                "val/boxes/scale2/side", "val/boxes/scale3/centre_spread", "val/loc/scale3/contains_bird_centre"):
+    for key in (
+        "train/rank_loss_epoch",
+        "train/apn_loss_epoch",
+        "train/loss_epoch",
+        "val/top1",
+        "val/scale3/top1",
+        "val/boxes/scale2/side",
+        "val/boxes/scale3/centre_spread",
+        "val/loc/scale3/contains_bird_centre",
+    ):
         assert key in metrics, key
     checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
     network = checkpoint["hyper_parameters"]["network"]

@@ -16,7 +16,16 @@ from torch.utils.data import DataLoader
 from finegrain.cli import main
 from finegrain.data.datamodule import DEFAULT_PREPROCESSING
 from finegrain.errors import FinegrainError
-from finegrain.models import NETWORKS, STCNN, Classifier, ModelOutput, create_network, network_config, register_network
+from finegrain.models import (
+    NETWORKS,
+    RACNN,
+    STCNN,
+    Classifier,
+    ModelOutput,
+    create_network,
+    network_config,
+    register_network,
+)
 from finegrain.predict import Predictor
 from finegrain.tasks.classification import ClassificationTask
 from finegrain.tasks.racnn import RACNNTask
@@ -133,6 +142,23 @@ def test_networks_that_cannot_be_rebuilt_or_trained_are_refused_in_one_line():
                                                  "register_network") as refused:  # fmt: skip
             ClassificationTask(network=network)
         assert "\n" not in str(refused.value)
+
+
+def test_the_plain_task_refuses_a_network_that_needs_its_own_task(synth_root, tmp_path, monkeypatch, capsys):
+    """Cross-entropy alone would train RA-CNN without APN pre-training and ranking phases."""
+    with pytest.raises(FinegrainError, match="RACNN trains with its own task: set model.class_path "
+                                             "finegrain.tasks.racnn.RACNNTask") as refused:  # fmt: skip
+        ClassificationTask(network=RACNN(num_classes=3, backbone="test_resnet", zoom_size=32, apn_grid=2,
+                                         apn_hidden=8))  # fmt: skip
+    assert "\n" not in str(refused.value)
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--run_name", "r", "--data.root", str(synth_root), "--data.num_workers", "0",
+            "--model.network", "finegrain.models.RACNN", "--model.network.init_args.backbone", "test_resnet",
+            "--trainer.logger", "false"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "model.class_path finegrain.tasks.racnn.RACNNTask" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_fit_refuses_an_unregistered_network_before_training(synth_root, tmp_path, monkeypatch, capsys):

@@ -134,8 +134,10 @@ def test_fit_refuses_to_replace_a_run_unless_told(synth_root, tmp_path, monkeypa
     before = run_files(run)
     assert main(fit_args(synth_root, epochs=1)) == 2
     err = capsys.readouterr().err
-    assert ("finegrain: error: run 't' already has best.ckpt and last.ckpt in checkpoints/t: resume it with "
-            "--ckpt_path last, start another with --run_name NAME, or replace it with --overwrite true") in err
+    assert (
+        "finegrain: error: run 't' already has best.ckpt and last.ckpt in checkpoints/t: resume it with "
+        "--ckpt_path last, start another with --run_name NAME, or replace it with --overwrite true"
+    ) in err
     assert run_files(run) == before  # nothing written, not even W&B's run id or a log folder
     assert main(fit_args(synth_root, "--overwrite", "true", "--seed_everything", "1", epochs=1)) == 0
     assert (run / "last.ckpt").read_bytes() != before["last.ckpt"]

@@ -13,7 +13,7 @@ from torch import nn
 from finegrain.errors import FinegrainError
 from finegrain.evaluation.localization import LocalizationScore, box_statistics
 from finegrain.evaluation.metrics import accuracy_metrics
-from finegrain.models import ModelOutput, network_config
+from finegrain.models import RACNN, ModelOutput, network_config
 
 STAGES = ("train", "val", "test")
 
@@ -49,6 +49,8 @@ class ClassificationTask(pl.LightningModule):
     # (`finegrain fit` turns a plain `ddp` strategy into `ddp_find_unused_parameters_true`).
     leaves_parameters_unused = False
     trains: tuple[type[nn.Module], ...] = (nn.Module,)  # the networks this task knows how to train
+    # networks that need a task of their own: cross-entropy alone would skip their training phases
+    leaves_to: dict[type[nn.Module], str] = {RACNN: "finegrain.tasks.racnn.RACNNTask"}
 
     def __init__(
         self,
@@ -65,6 +67,10 @@ class ClassificationTask(pl.LightningModule):
         preprocessing: dict | None = None,
     ):
         super().__init__()
+        for cls, task in self.leaves_to.items():
+            if isinstance(network, cls):
+                raise FinegrainError(f"{type(network).__name__} trains with its own task: set model.class_path {task} "
+                                     f"(it runs the network's training phases), not {type(self).__name__}")  # fmt: skip
         if not isinstance(network, self.trains):
             raise FinegrainError(f"{type(self).__name__} trains {' or '.join(c.__name__ for c in self.trains)} "
                                  f"networks, not {type(network).__name__}; use ClassificationTask for it")  # fmt: skip

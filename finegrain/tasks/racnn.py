@@ -65,6 +65,7 @@ class RACNNTask(ClassificationTask):
 
     leaves_parameters_unused = True  # each phase steps one optimiser; the other's parameters get no gradient
     trains = (RACNN,)
+    leaves_to = {}
 
     def __init__(
         self,
