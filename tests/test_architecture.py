@@ -83,3 +83,34 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_the_worked_example_of_docs_architecture_is_a_network_finegrain_can_train(monkeypatch):
+    """docs/architecture.md shows how to add a network: its code must stay a working, registered network."""
+    import re
+    import sys
+    import types
+
+    import torch
+
+    from finegrain.models import NETWORKS, create_network, network_config
+    from finegrain.tasks.classification import ClassificationTask
+
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n# mybirds/twohead.py\n(.*?)```", doc, re.S).group(1)
+    module = types.ModuleType("mybirds_twohead")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "docs/architecture.md", "exec"), module.__dict__)
+    path = "mybirds_twohead.TwoHead"
+    monkeypatch.setitem(NETWORKS, path, NETWORKS.pop(path))  # registered by the example; removed after the test
+    network = create_network(path, num_classes=3, backbone="test_resnet")
+    assert network_config(network) == {
+        "class_path": path,
+        "init_args": {"num_classes": 3, "backbone": "test_resnet", "weights": "none"},
+    }
+    task = ClassificationTask(network=network)
+    output = task(torch.rand(2, 3, 64, 64))
+    assert output.logits.shape == (2, 3) and set(output.branch_logits) == {"head_a", "head_b"}
+    loss = task.loss(output, torch.tensor([0, 2]))
+    loss.backward()
+    assert all(p.grad is not None for group in network.lr_groups().values() for p in group)
