@@ -20,11 +20,12 @@ from finegrain.cli import main
 from finegrain.data.transforms import build_transform, input_frame
 from finegrain.errors import FinegrainError
 from finegrain.geometry import input_box_to_photo
-from finegrain.models import NETWORKS, ModelOutput
+from finegrain.models import NETWORKS, RACNN, ModelOutput
 from finegrain.models.registry import METHOD_CLASS_PATHS
 from finegrain.package import ModelConfig
 from finegrain.predict import Predictor
 from finegrain.tasks.classification import ClassificationTask
+from finegrain.tasks.racnn import RACNNTask
 from tests.conftest import CUB_ROOT, needs_cub
 
 CLASS_NAMES = ["Plain_Finch", "Red_crowned_Finch", "Gold_crowned_Hookbill", "Sooty_Auklet"]
@@ -53,8 +54,9 @@ def write_checkpoint(path: Path, method: str = "stn", attention: str = "cbam", s
     the same boxes for every image).
     """
     torch.manual_seed(seed)
-    task = ClassificationTask(network=tiny_network(method, attention), class_names=CLASS_NAMES,
-                              preprocessing=PREPROCESSING)  # fmt: skip
+    network = tiny_network(method, attention)
+    task_class = RACNNTask if isinstance(network, RACNN) else ClassificationTask
+    task = task_class(network=network, class_names=CLASS_NAMES, preprocessing=PREPROCESSING)
     with torch.no_grad():
         for p in task.network.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -174,7 +174,7 @@ class ClassificationTask(pl.LightningModule):
             self.trainer.fit_loop.setup_data()
         steps_per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
         warmup_steps = max(1, int(self.hparams.warmup_epochs * steps_per_epoch))
-        delays = self.hparams.get("lr_start_epochs") or {}  # tasks with their own schedule (RA-CNN) lack it
+        delays = self.hparams.lr_start_epochs or {}
 
         def factor(start: int):
             return lambda step: 0.0 if step < start else warmup_cosine(step - start, warmup_steps, total_steps - start)
