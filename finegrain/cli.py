@@ -71,6 +71,20 @@ def predict_images(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def serve_model(args: argparse.Namespace) -> int:
+    """`finegrain serve --checkpoint X`: the web page and JSON API until Ctrl+C."""
+    from finegrain.serve.app import ServeSettings
+    from finegrain.serve.server import serve
+
+    if args.max_upload_mb <= 0:
+        raise FinegrainError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
+    settings = ServeSettings(checkpoint=str(args.checkpoint), device=args.device, max_batch_size=args.max_batch_size,
+                             max_wait_ms=args.max_wait_ms, max_upload_bytes=round(args.max_upload_mb * 2**20),
+                             max_pixels=round(args.max_megapixels * 1e6))  # fmt: skip
+    serve(settings, host=args.host, port=args.port, workers=args.workers)
+    return 0
+
+
 def export_model(args: argparse.Namespace) -> int:
     """`finegrain export CKPT OUT_DIR [--onnx]`: a package Predictor loads without the dataset or recipe."""
     from finegrain.export import export_package
@@ -144,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="finegrain",
         description="Fine-grained bird classification. Training: finegrain fit|validate|test --config X.yaml "
         "(see `finegrain fit --help`). Size and cost: finegrain info --config X.yaml. "
-        "Inference: finegrain predict PHOTOS --checkpoint X; finegrain export X OUT_DIR.",
+        "Inference: finegrain predict PHOTOS --checkpoint X; finegrain serve --checkpoint X (a web page); "
+        "finegrain export X OUT_DIR.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     # Listed for --help; main() hands these to LightningCLI (and `info` to its own parser) before argparse runs.
@@ -194,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--save-viz", type=Path, metavar="DIR",
                          help="write a picture per image: boxes, crops and top-k bars")  # fmt: skip
     predict.set_defaults(handler=predict_images)
+
+    serve = commands.add_parser("serve", help="a web page and JSON API: drop a photo, see the species and the boxes")
+    serve.add_argument("--checkpoint", type=Path, required=True,
+                       help="a .ckpt from `finegrain fit`, or a folder from `finegrain export`")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    serve.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="photos that arrive together share a pass")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a photo waits for others to join")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads are refused (413)")
+    serve.add_argument("--max-megapixels", type=float, default=64.0,
+                       help="photos with more pixels are refused as decompression bombs (413)")  # fmt: skip
+    serve.set_defaults(handler=serve_model)
 
     export = commands.add_parser("export", help="a self-contained model package (safetensors + JSON), ONNX too")
     export.add_argument("checkpoint", type=Path, help="a .ckpt written by `finegrain fit`")

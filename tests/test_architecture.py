@@ -24,6 +24,7 @@ LAYERS = [
         "finegrain.visualize",
         "finegrain.export",
     ],  # fmt: skip
+    ["finegrain.serve"],
     ["finegrain.bench"],
     ["finegrain.cli"],
 ]

@@ -1,4 +1,4 @@
-"""`finegrain bench speed|accuracy|plot|markdown`: benchmarks anyone can rerun, written as JSON, shown as tables.
+"""`finegrain bench speed|accuracy|serve|plot|markdown`: benchmarks anyone can rerun, written as JSON, shown as tables.
 
 Only argument parsing lives here, so that building the CLI parser imports nothing heavy.
 """
@@ -46,6 +46,15 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     command = command_line("finegrain bench accuracy", args.recipes, _options(args, "recipes", "set"))
     command += "".join(f" --set {override}" for override in args.set or [])
     return _finish(run_accuracy(args.recipes, budget, command=command), args.json)
+
+
+def bench_serve(args: argparse.Namespace) -> int:
+    from finegrain.bench.report import command_line
+    from finegrain.bench.serve import ServeBench, run_serve_bench
+
+    settings = ServeBench(clients=args.clients, seconds=args.seconds, max_batch_size=args.max_batch_size)
+    command = command_line("finegrain bench serve", [], _options(args, "json"))
+    return _finish(run_serve_bench(args.checkpoint, args.images, settings, command=command), args.json)
 
 
 def bench_plot(args: argparse.Namespace) -> int:
@@ -99,6 +108,16 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
                           help="any further `finegrain fit` setting, for every recipe (repeatable)")  # fmt: skip
     accuracy.add_argument("--json", type=Path, help="write the report here")
     accuracy.set_defaults(handler=bench_accuracy)
+
+    serve = sub.add_parser("serve", help="requests/s and latency of `finegrain serve` under concurrent clients, "
+                                         "against Predictor.predict called directly")  # fmt: skip
+    serve.add_argument("--checkpoint", type=Path, required=True, help="the model to serve (.ckpt or package)")
+    serve.add_argument("--images", type=Path, nargs="+", help="photos or folders (default: 16 synthetic birds)")
+    serve.add_argument("--clients", type=int, default=8, help="concurrent clients, each one request at a time")
+    serve.add_argument("--seconds", type=float, default=20.0, help="timed seconds of each measurement")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="the server's --max-batch-size")
+    serve.add_argument("--json", type=Path, help="write the report here")
+    serve.set_defaults(handler=bench_serve)
 
     plot = sub.add_parser("plot", help="PNG figures of benchmark JSON reports")
     plot.add_argument("reports", nargs="+", type=Path)

@@ -76,7 +76,7 @@ def read_json(path: str | Path) -> dict:
         raise FinegrainError(f"benchmark report {path} not found; write one with finegrain bench ... --json") from None
     except json.JSONDecodeError as e:
         raise FinegrainError(f"{path} is not JSON ({e}); pass a file written by finegrain bench --json") from None
-    if not isinstance(report, dict) or report.get("kind") not in ("speed", "accuracy"):
+    if not isinstance(report, dict) or report.get("kind") not in ("speed", "accuracy", "serve"):
         raise FinegrainError(f"{path} is not a finegrain benchmark report; pass a file written by finegrain bench")
     return report
 
@@ -106,6 +106,8 @@ def render_markdown(report: dict) -> str:
     lines = [f"`{report['command']}`", "", _machine_line(report), ""]
     if report["kind"] == "speed":
         lines += _speed_tables(report)
+    elif report["kind"] == "serve":
+        lines += _serve_table(report)
     else:
         lines += _accuracy_tables(report)
     lines += [f"- skipped {s['recipe']}: {s['reason']}" for s in report.get("skipped", [])]
@@ -146,6 +148,23 @@ def _speed_tables(report: dict) -> list[str]:
         lines += [f"Predictor, JPEG bytes to top-5 ({predictor['checkpoint']}, {predictor['img_size']} px): "
                   "images/s.", "", _table(["batch", "Predictor", "timm reference", "ratio"], rows), ""]  # fmt: skip
     return lines
+
+
+def _serve_table(report: dict) -> list[str]:
+    settings, server = report["settings"], report["server"]
+    batched, single = report["direct_batched"], report["direct_single"]
+    lines = [f"{report['method']} ({report['checkpoint']}), {report['photos']} photos of {report['photo_kb']:.0f} kB "
+             f"on average, top-{settings['top_k']}; {settings['clients']} clients on the same machine, "
+             f"{settings['seconds']:g} s timed after {settings['warmup_seconds']:g} s of warm-up; "
+             f"torch threads {report['torch_threads']}.", ""]  # fmt: skip
+    rows = [[f"finegrain serve, {settings['clients']} concurrent clients (mean batch {server['mean_batch']:.1f})",
+             f"{server['requests_per_s']:.1f}", f"{server['p50_ms']:.0f}", f"{server['p95_ms']:.0f}"],
+            [f"Predictor.predict directly, batches of {batched['batch_size']}", f"{batched['images_per_s']:.1f}",
+             f"{batched['p50_ms']:.0f} (batch)", f"{batched['p95_ms']:.0f} (batch)"],
+            ["Predictor.predict directly, one photo at a time", f"{single['images_per_s']:.1f}",
+             f"{single['p50_ms']:.0f}", f"{single['p95_ms']:.0f}"]]  # fmt: skip
+    ratio = f"Server against direct batched prediction: ×{report['ratio']:.2f}."
+    return [*lines, _table(["", "photos/s", "p50 ms", "p95 ms"], rows), "", ratio, ""]
 
 
 def _accuracy_tables(report: dict) -> list[str]:

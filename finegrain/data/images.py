@@ -1,6 +1,7 @@
 """The one image decoding path for training and inference: any file, bytes, PIL image or array to RGB uint8.
 
-Conversion rules, so that every source gives the same pixels:
+Every format Pillow reads, and HEIC/HEIF through pillow-heif. Conversion rules, so that every source gives the
+same pixels:
 
 - EXIF orientation is applied (all 8 orientations); the result is upright.
 - Transparency (alpha bands, palette or grey/RGB ``transparency`` keys) is composited over white.
@@ -27,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from finegrain.errors import FinegrainError
+
+register_heif_opener()  # HEIC/HEIF phone photos open like JPEGs (iPhones save HEIC by default)
 
 MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS  # default limit of width * height; None disables it
 # Longer side / shorter side. Resizing scales the shorter side to the input size, so this bounds the pixels a
