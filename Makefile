@@ -22,6 +22,9 @@ demo: $(STAMP)
 	$(BIN)/finegrain test --config demo --ckpt_path checkpoints/demo/best.ckpt
 	$(BIN)/finegrain predict $(DEMO_PHOTOS) --checkpoint checkpoints/demo/best.ckpt --top-k 3 \
 		--save-viz checkpoints/demo/viz
+	@echo
+	@echo "See the demo model in a browser (then open http://127.0.0.1:8000/):"
+	@echo "    $(BIN)/finegrain serve --checkpoint checkpoints/demo/best.ckpt"
 
 test: $(STAMP)
 	$(BIN)/ruff check finegrain tests

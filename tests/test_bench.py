@@ -246,3 +246,24 @@ def test_budget_arguments_and_the_reproducing_command():
                                                            "compile": False}) == (
         "finegrain bench speed stn --bf16 --steps 5 --only data"
     )  # fmt: skip
+
+
+def test_serve_bench_loads_a_live_server_and_compares_with_the_predictor(tmp_path, capsys):
+    from tests.test_predict import photo, write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "stn.ckpt")
+    for i in range(3):
+        Image.fromarray(photo(200, 150, seed=i)).save(tmp_path / f"bird{i}.jpg")
+    report_path = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--checkpoint", str(checkpoint), "--images", str(tmp_path), "--clients", "3",
+                 "--seconds", "2", "--json", str(report_path)]) == 0  # fmt: skip
+    report = json.loads(report_path.read_text())
+    assert report["kind"] == "serve" and report["photos"] == 3 and report["method"] == "STCNN"
+    server = report["server"]
+    assert server["requests"] > 0 and server["requests_per_s"] > 0 and 0 < server["p50_ms"] <= server["p95_ms"]
+    assert 1 <= server["mean_batch"] <= 3
+    assert report["direct_batched"]["batch_size"] == 3 and report["direct_single"]["batch_size"] == 1
+    assert report["ratio"] == pytest.approx(server["requests_per_s"] / report["direct_batched"]["images_per_s"])
+    out = capsys.readouterr().out
+    assert "finegrain bench serve --checkpoint" in out and "finegrain serve, 3 concurrent clients" in out
+    assert "finegrain serve" in render_markdown(json.loads(report_path.read_text()))

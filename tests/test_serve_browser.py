@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from PIL import Image
 
 from finegrain.predict import Predictor
 from finegrain.serve.app import ServeSettings, create_app
+from finegrain.serve.server import serve_in_thread
 from tests.test_predict import photo, write_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,22 +28,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-
-def start_server(app, host: str = "127.0.0.1") -> tuple[uvicorn.Server, threading.Thread, str]:
-    """uvicorn in a thread of this process, on a free port; returns once it accepts connections."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    return server, thread, f"http://{host}:{port}"
 
 
 def chromium(width: int = 1200, height: int = 1000) -> webdriver.Chrome:
@@ -63,14 +44,13 @@ def site(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
     checkpoint = write_checkpoint(folder / "racnn.ckpt", method="racnn", attention="cbam")
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-    server, thread, url = start_server(create_app(predictor, ServeSettings(checkpoint=str(checkpoint))))
+    url, stop = serve_in_thread(create_app(predictor, ServeSettings(checkpoint=str(checkpoint))))
     driver = chromium()
     try:
         yield driver, url, predictor, folder
     finally:
         driver.quit()
-        server.should_exit = True
-        thread.join(timeout=10)
+        stop()
 
 
 def test_upload_a_photo_and_see_species_boxes_and_crops(site):

@@ -7,6 +7,9 @@ import ipaddress
 import os
 import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import uvicorn
@@ -44,6 +47,28 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     else:
         uvicorn.run("finegrain.serve.app:app_from_environment", factory=True, host=host, port=port,
                     workers=workers, log_level="warning")  # fmt: skip
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0,
+                    timeout_s: float = 30.0) -> tuple[str, Callable[[], None]]:  # fmt: skip
+    """Serve `app` from a thread of this process (a notebook, a test): its URL once it accepts connections, and
+    the function that stops it. Port 0 picks a free port."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="finegrain-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise FinegrainError(f"the server on {host}:{port} did not start within {timeout_s:g} s")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=timeout_s)
+
+    return f"http://{host}:{bound}", stop
 
 
 def check_port_free(host: str, port: int) -> None:
