@@ -42,4 +42,4 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     listed = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1).split(",")
-    assert set(listed) == {"fit", "validate", "test", "info", "data", "predict", "export", "bench"}
+    assert set(listed) == {"fit", "validate", "test", "info", "data", "predict", "serve", "export", "bench"}

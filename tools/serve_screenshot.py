@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -45,12 +46,19 @@ def main() -> None:
         for i, photo in enumerate(reversed(args.photos), start=1):
             driver.find_element(By.ID, "files").send_keys(str(photo.resolve()))
             WebDriverWait(driver, 120).until(lambda d, n=i: len(d.find_elements(By.CSS_SELECTOR, ".card.done")) == n)
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(args.width, height + 20)
+        # the window's outer size includes what headless Chromium keeps for its frame: grow until all fits
+        for _ in range(3):
+            inner = driver.execute_script("return window.innerHeight")
+            height = driver.execute_script("return document.documentElement.scrollHeight")
+            if inner >= height:
+                break
+            driver.set_window_size(args.width, driver.get_window_size()["height"] + height - inner)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=args.out.parent, suffix=".png", delete=False) as partial:
             temporary = Path(partial.name)
         driver.save_screenshot(str(temporary))
+        Image.open(temporary).save(temporary, optimize=True)
+        temporary.chmod(0o644)
         os.replace(temporary, args.out)
         print(f"wrote {args.out}")
     finally:
