@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from finegrain.data.images import load_rgb
-from finegrain.data.transforms import build_transform, input_frame
+from finegrain.data.images import decode_photo
+from finegrain.data.transforms import build_transform, eval_resize_side, input_frame
 from finegrain.errors import FinegrainError
 from finegrain.explain import Explanation
 from finegrain.geometry import InputFrame, input_box_to_photo, round_box
@@ -28,6 +28,8 @@ from finegrain.package import ModelConfig, build_model, read_model
 FRAME_CACHE_SIZE = 1024  # photo sizes whose input frame is kept; phone and camera photos come in few sizes
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
+# (name, decoded pixels, the photo's own upright (width, height)): a JPEG may decode smaller than it is
+Decoded = tuple[str, np.ndarray, tuple[int, int]]
 
 
 class Predictor:
@@ -71,7 +73,7 @@ class Predictor:
         network was trained with), score the softmax probability. Images are decoded and run `batch_size` at a
         time, so a long list needs memory for one batch only.
         """
-        items, single = _decoded(x)
+        items, single = self._decoded(x)
         results = [self._top_k(output.logits, top_k) for _, output in self._run(items, batch_size)]
         flat = [p for batch in results for p in batch]
         return flat[0] if single else flat
@@ -79,7 +81,7 @@ class Predictor:
     def explain(self, x: ImageSource | Sequence[ImageSource], top_k: int = 5,
                 batch_size: int = 32) -> Explanation | list[Explanation]:  # fmt: skip
         """Prediction, boxes in photo pixels, crops and attention maps of one image or of each of a list."""
-        items, single = _decoded(x)
+        items, single = self._decoded(x)
         explanations = [e for images, output in self._run(items, batch_size)
                         for e in self._explain(images, output, top_k)]  # fmt: skip
         return explanations[0] if single else explanations
@@ -92,6 +94,19 @@ class Predictor:
         path.parent.mkdir(parents=True, exist_ok=True)
         render(self.explain(x, top_k=top_k)).save(path)
         return path
+
+    @property
+    def decode_side(self) -> int:
+        """The shorter side a photo needs for the eval resize: JPEGs decode no larger than that (and no smaller).
+
+        Every network crops its zooms and parts from this input, never from the photo itself, so the input's
+        resolution is also the largest any branch asks for.
+        """
+        return eval_resize_side(self.config.preprocessing)
+
+    def decode(self, source: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
+        """Pixels for this model and the photo's own (width, height); a large JPEG decodes at a reduced size."""
+        return decode_photo(source, min_side=self.decode_side)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> Tensor:
         """Decoded RGB photos -> the network's input (B, 3, S, S): the checkpoint's eval resize, crop and norm.
@@ -121,13 +136,18 @@ class Predictor:
         with self._lock, torch.inference_mode():
             return self.network(inputs.to(self.device))
 
-    def _run(self, items: Iterable[tuple[str, np.ndarray]],
-             batch_size: int) -> Iterator[tuple[list[tuple[str, np.ndarray]], ModelOutput]]:  # fmt: skip
-        """Decoded (name, photo) items -> per batch, those items and the network's output."""
+    def _decoded(self, x: ImageSource | Sequence[ImageSource]) -> tuple[Iterator[Decoded], bool]:
+        """Items decoded one at a time as they are consumed, and whether `x` was a single image."""
+        single = not isinstance(x, list | tuple)
+        sources = [x] if single else list(x)
+        return ((_source_name(s), *self.decode(s)) for s in sources), single
+
+    def _run(self, items: Iterable[Decoded], batch_size: int) -> Iterator[tuple[list[Decoded], ModelOutput]]:
+        """Decoded items -> per batch, those items and the network's output."""
         if batch_size < 1:
             raise FinegrainError(f"batch_size must be a positive integer, got {batch_size}")
         for chunk in _batched(items, batch_size):
-            yield chunk, self.forward(self.preprocess([photo for _, photo in chunk]))
+            yield chunk, self.forward(self.preprocess([photo for _, photo, _ in chunk]))
 
     def _top_k(self, logits: Tensor, top_k: int) -> list[list[dict]]:
         if top_k < 1:
@@ -139,19 +159,23 @@ class Predictor:
             for row_scores, row_indices in zip(scores, indices, strict=True)
         ]  # fmt: skip
 
-    def _explain(self, images: list, output: ModelOutput, top_k: int) -> list[Explanation]:
+    def _explain(self, images: list[Decoded], output: ModelOutput, top_k: int) -> list[Explanation]:
         predictions = self._top_k(output.logits, top_k)
         boxes = {name: b.float().cpu().numpy() for name, b in output.boxes.items()}
         maps = {name: m.float().cpu().numpy() for name, m in output.attention_maps.items()}
         explanations = []
-        for i, (name, photo) in enumerate(images):
-            height, width = photo.shape[:2]
+        for i, (name, pixels, photo_size) in enumerate(images):
+            height, width = pixels.shape[:2]
             frame = self.input_frame(width, height)
-            pixel_boxes = {key: tuple(input_box_to_photo(b[i], frame).tolist()) for key, b in boxes.items()}
-            crops = {key: Image.fromarray(photo).crop(round_box(box)) for key, box in pixel_boxes.items()}
+            # boxes in the decoded pixels, for the crops; then in the photo's own pixels, for the user
+            decoded_boxes = {key: input_box_to_photo(b[i], frame) for key, b in boxes.items()}
+            crops = {key: Image.fromarray(pixels).crop(round_box(box)) for key, box in decoded_boxes.items()}
+            to_photo = np.array([photo_size[0] / width, photo_size[1] / height] * 2)
+            pixel_boxes = {key: tuple((box * to_photo).tolist()) for key, box in decoded_boxes.items()}
             item_maps = {key: m[i] for key, m in maps.items()}
-            seen = tuple(input_box_to_photo(np.array([0.0, 0.0, 1.0, 1.0]), frame).tolist())
-            explanations.append(Explanation(photo, predictions[i], pixel_boxes, crops, item_maps, name, seen))
+            seen = tuple((input_box_to_photo(np.array([0.0, 0.0, 1.0, 1.0]), frame) * to_photo).tolist())
+            explanations.append(Explanation(pixels, predictions[i], pixel_boxes, crops, item_maps, name, seen,
+                                            photo_size))  # fmt: skip
         return explanations
 
 
@@ -171,13 +195,6 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FinegrainError(f"device {device!r} asked for CUDA, which this machine lacks; use --device cpu")
     return resolved
-
-
-def _decoded(x: ImageSource | Sequence[ImageSource]) -> tuple[Iterator[tuple[str, np.ndarray]], bool]:
-    """(name, photo) pairs decoded one at a time as they are consumed, and whether `x` was a single image."""
-    single = not isinstance(x, list | tuple)
-    sources = [x] if single else list(x)
-    return ((_source_name(s), load_rgb(s)) for s in sources), single
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:

@@ -10,13 +10,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from finegrain.data.images import ImageDecodeError, load_rgb
+from finegrain.data.images import ImageDecodeError
 from finegrain.errors import FinegrainError
 
 if TYPE_CHECKING:
-    from finegrain.predict import Predictor
+    from finegrain.predict import Decoded, Predictor
 
 RESULT_SUFFIXES = (".json", ".csv")
 PROGRESS_MIN_FILES = 20  # fewer images finish before a bar would say anything
@@ -50,10 +48,10 @@ def predict_files(predictor: Predictor, files: Sequence[Path], top_k: int = 5, b
 
     problems: list[str] = []
 
-    def decoded() -> Iterator[tuple[str, np.ndarray]]:
+    def decoded() -> Iterator[Decoded]:
         for path in tqdm(files, unit="image", disable=True if len(files) < PROGRESS_MIN_FILES else None):
             try:
-                yield str(path), load_rgb(path)
+                yield str(path), *predictor.decode(path)
             except ImageDecodeError as e:
                 problems.append(str(e))
 
@@ -68,7 +66,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], top_k: int = 5, b
             for explanation in explanations:
                 render(explanation).save(_unique_path(viz_dir, Path(explanation.source).stem, viz_names))
             predictions = [e.predictions for e in explanations]
-        results += [{"image": name, "predictions": p} for (name, _), p in zip(images, predictions, strict=True)]
+        results += [{"image": name, "predictions": p} for (name, *_), p in zip(images, predictions, strict=True)]
     return results, problems
 
 

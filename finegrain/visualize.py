@@ -47,8 +47,9 @@ def render(explanation: Explanation) -> Image.Image:
     draw.text((MARGIN, MARGIN + 26), Path(explanation.source).name, font=small, fill=MUTED)
 
     top = MARGIN + title_height
-    canvas.paste(_dim_outside_input(photo, explanation, factor), (MARGIN, top))
-    _draw_boxes(draw, explanation, factor, (MARGIN, top), font)
+    box_factor = factor * explanation.image_scale  # boxes are in the photo's own pixels
+    canvas.paste(_dim_outside_input(photo, explanation, box_factor), (MARGIN, top))
+    _draw_boxes(draw, explanation, box_factor, (MARGIN, top), font)
     if crops:
         canvas.paste(crops, (MARGIN + photo.width + GAP, top))
     canvas.paste(bars, (MARGIN, top + photo.height + GAP * 2))

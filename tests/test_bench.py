@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from finegrain.bench.accuracy import Budget, summarize
 from finegrain.bench.plots import plot_reports
 from finegrain.bench.recipes import BENCH_CONFIGS, BENCH_SETUP, build_task, load_recipe, merge, read_yaml
 from finegrain.bench.report import command_line, render_markdown
-from finegrain.bench.speed import Settings, run_speed
+from finegrain.bench.speed import Settings, phone_jpegs, run_speed
 from finegrain.cli import main
 from finegrain.data.cub import PART_NAMES
 from finegrain.errors import FinegrainError
@@ -79,12 +80,24 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
     assert data["img_size"] == 64 and data["source_size"] == [500, 375]
     check_figure(data["train_sample"])
     predictor = report["predictor"]
-    if "skipped" not in predictor:
-        assert predictor["checkpoint"] == "fresh test_resnet"
-        check_figure(predictor["b1"])
-        check_figure(predictor["b32"])
+    assert predictor["checkpoint"] == "fresh test_resnet"
+    check_figure(predictor["b1"])
+    check_figure(predictor["b32"])
+    phone = report["phone"]
+    assert phone["source_size"] == [4032, 3024] and phone["photos"] == 8 and phone["decode_side"] >= phone["img_size"]
+    assert 0 <= phone["same_top5"] <= 8
+    check_figure(phone["b1"])
     out_text = capsys.readouterr().out
     assert "| baseline | baseline | test_resnet | 64 | 2 |" in out_text and f"wrote {out}" in out_text
+    assert "Predictor on 4032×3024 JPEGs" in out_text
+
+
+def test_phone_photos_are_12_megapixel_jpegs_made_from_the_given_photos(tmp_path):
+    Image.new("RGB", (500, 375), (200, 10, 10)).save(tmp_path / "bird.jpg")
+    (jpeg,) = phone_jpegs(1, [tmp_path / "bird.jpg"])
+    with Image.open(io.BytesIO(jpeg)) as image:
+        assert image.format == "JPEG" and image.size == (4032, 3024)
+        assert image.getpixel((2000, 1500))[0] > 150
 
 
 def test_bench_recipes_build_and_the_defaults_cover_every_method():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from finegrain.data.images import ImageDecodeError, check_image, image_size, load_rgb
+from finegrain.data.images import ImageDecodeError, check_image, decode_photo, image_size, load_rgb
 from finegrain.errors import FinegrainError
 from tests.conftest import CUB_ROOT, needs_cub
 
@@ -347,3 +347,37 @@ def test_an_extreme_aspect_ratio_is_refused_from_the_header(tmp_path, monkeypatc
     with pytest.raises(ImageDecodeError, match="<PIL image>: 30x1 pixels"):
         load_rgb(Image.new("RGB", (30, 1)))
     assert load_rgb(np.zeros((20, 1), np.uint8)).shape == (20, 1, 3)  # 20:1 is still a (narrow) photo
+
+
+def _jpeg(width: int, height: int, orientation: int = 1) -> bytes:
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("min_side", "decoded"), [(256, (500, 375)), (180, (250, 188)), (400, (1000, 750)),
+                                                   (1500, (2000, 1500)), (None, (2000, 1500))])  # fmt: skip
+def test_a_large_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_min_side(min_side, decoded):
+    pixels, size = decode_photo(_jpeg(2000, 1500), min_side=min_side)
+    assert size == (2000, 1500)
+    assert (pixels.shape[1], pixels.shape[0]) == decoded  # 1/4, 1/8, 1/2, whole, whole
+    assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+
+
+def test_a_reduced_decode_is_upright_and_reports_the_upright_size():
+    pixels, size = decode_photo(_jpeg(2000, 1500, orientation=6), min_side=256)
+    assert size == (1500, 2000) and pixels.shape[:2] == (500, 375)
+    full = load_rgb(_jpeg(2000, 1500, orientation=6))
+    reduced = np.asarray(Image.fromarray(full).resize((375, 500), Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(reduced - pixels).mean() < 3  # the DCT scaling is a box-like filter of the same picture
+
+
+def test_other_formats_decode_whole_whatever_min_side():
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 1500), (10, 200, 30)).save(buffer, format="PNG")
+    pixels, size = decode_photo(buffer.getvalue(), min_side=64)
+    assert pixels.shape[:2] == (1500, 2000) and size == (2000, 1500)

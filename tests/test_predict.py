@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from finegrain.cli import main
+from finegrain.data.images import load_rgb
 from finegrain.data.transforms import build_transform, input_frame
 from finegrain.errors import FinegrainError
 from finegrain.geometry import input_box_to_photo
@@ -419,3 +420,21 @@ def test_an_output_path_that_is_a_folder_is_refused_before_any_work(stn_checkpoi
     args = ["predict", str(tmp_path / "a.png"), "--checkpoint", str(stn_checkpoint), "--output"]
     assert main([*args, str(tmp_path / "results.csv")]) == 2
     assert "results.csv is a folder; name a file in it" in capsys.readouterr().err
+
+
+def test_a_large_jpeg_is_decoded_small_and_its_boxes_are_in_the_photos_own_pixels(tmp_path):
+    predictor = Predictor.from_checkpoint(write_checkpoint(tmp_path / "racnn.ckpt", method="racnn"), device="cpu")
+    array = photo(1600, 1200, seed=4)
+    path = tmp_path / "camera.jpg"
+    Image.fromarray(array).save(path, quality=95)
+    reduced = predictor.explain(path)
+    whole = predictor.explain(load_rgb(path))  # an array: decoded whole
+    assert predictor.decode_side == 73  # 64 px input / crop_pct 0.875
+    assert reduced.image.shape[:2] == (150, 200) and reduced.photo_size == (1600, 1200)  # 1/8 of the side
+    assert reduced.image_scale == pytest.approx(1 / 8) and whole.image_scale == 1
+    assert reduced.input_box == pytest.approx(whole.input_box, abs=8)  # one reduced pixel is 8 photo pixels
+    for name, box in whole.boxes.items():
+        assert reduced.boxes[name] == pytest.approx(box, abs=0.02 * 1600)
+    assert reduced.crops["scale2"].size[0] == pytest.approx(whole.crops["scale2"].size[0] / 8, abs=2)
+    assert [p["class_id"] for p in reduced.predictions[:1]] == [p["class_id"] for p in whole.predictions[:1]]
+    predictor.visualize(path, tmp_path / "camera.png")

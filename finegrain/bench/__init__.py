@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from finegrain.errors import FinegrainError
+
 
 def _options(args: argparse.Namespace, *skip: str) -> dict:
     return {k: v for k, v in vars(args).items() if k not in {"command", "bench_command", "handler", *skip}}
@@ -25,15 +27,23 @@ def _finish(report: dict, json_path: Path | None) -> int:
 
 def bench_speed(args: argparse.Namespace) -> int:
     from finegrain.bench.report import command_line
-    from finegrain.bench.speed import Settings, run_speed
+    from finegrain.bench.speed import SECTIONS, Settings, run_speed
 
     defaults = {"cpu": (5, 2), "cuda": (30, 10)}[args.device]
     settings = Settings(device=args.device, bf16=args.bf16, channels_last=args.channels_last, compile=args.compile,
                         batch_size=args.batch_size, steps=args.steps or defaults[0],
                         warmup=defaults[1] if args.warmup is None else args.warmup)  # fmt: skip
     command = command_line("finegrain bench speed", args.recipes, _options(args, "recipes"))
-    sections = tuple(args.only) if args.only else ("models", "data", "predictor")
-    report = run_speed(args.recipes, settings, checkpoint=args.checkpoint, sections=sections, command=command)
+    sections = tuple(args.only) if args.only else SECTIONS
+    phone_sources = None
+    if args.phone_photos:
+        from finegrain.predict_files import find_images
+
+        phone_sources, problems = find_images(args.phone_photos)
+        if problems or not phone_sources:
+            raise FinegrainError("; ".join(problems) or "--phone-photos: no JPEG or PNG photos found")
+    report = run_speed(args.recipes, settings, checkpoint=args.checkpoint, sections=sections, command=command,
+                       phone_sources=phone_sources)  # fmt: skip
     return _finish(report, args.json)
 
 
@@ -89,7 +99,10 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     speed.add_argument("--steps", type=int, help="timed steps of every measurement (default: cpu 5, cuda 30)")
     speed.add_argument("--warmup", type=int, help="untimed steps first (default: cpu 2, cuda 10)")
     speed.add_argument("--checkpoint", type=Path, help="Predictor latency of this checkpoint (default: a tiny model)")
-    speed.add_argument("--only", nargs="+", choices=("models", "data", "predictor"), help="measure only these parts")
+    speed.add_argument("--only", nargs="+", choices=("models", "data", "predictor", "phone"),
+                       help="measure only these parts (phone: Predictor on 12-megapixel JPEGs)")  # fmt: skip
+    speed.add_argument("--phone-photos", type=Path, nargs="+", metavar="PATH",
+                       help="photos to upscale to 12 megapixels for --only phone (default: synthetic)")  # fmt: skip
     speed.add_argument("--json", type=Path, help="write the report here")
     speed.set_defaults(handler=bench_speed)
 

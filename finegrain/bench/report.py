@@ -147,6 +147,17 @@ def _speed_tables(report: dict) -> list[str]:
                 for n in (1, 32)]  # fmt: skip
         lines += [f"Predictor, JPEG bytes to top-5 ({predictor['checkpoint']}, {predictor['img_size']} px): "
                   "images/s.", "", _table(["batch", "Predictor", "timm reference", "ratio"], rows), ""]  # fmt: skip
+    phone = report.get("phone")
+    if phone:
+        fig = phone["b1"]
+        width, height = phone["source_size"]
+        lines += [f"Predictor on {width}×{height} JPEGs ({phone['jpeg_kb']:.0f} kB, {phone['photos']} photos; "
+                  f"{phone['checkpoint']}, {phone['img_size']} px), batch 1: images/s. The Predictor decodes a "
+                  f"JPEG at the smallest DCT scale that keeps {phone['decode_side']} px on the shorter side; the "
+                  "reference decodes it whole, then resizes.", "",
+                  _table(["Predictor", "PIL + timm reference", "ratio", "same top-5"],
+                         [[f"{fig['finegrain']['images_per_s']:.2f}", f"{fig['reference']['images_per_s']:.2f}",
+                           f"×{fig['ratio']:.2f}", f"{phone['same_top5']} of {phone['photos']}"]]), ""]  # fmt: skip
     return lines
 
 

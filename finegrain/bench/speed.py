@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import inspect
 import io
 import itertools
 import logging
@@ -23,7 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,8 @@ from finegrain.models.backbones import preprocessing_config
 log = logging.getLogger(__name__)
 
 INFERENCE_BATCHES = (1, 32)
+SECTIONS = ("models", "data", "predictor", "phone")
+PHONE_IMAGE_SIZE = (4032, 3024)  # 12 megapixels, the 4:3 photo of most phones
 CUB_IMAGE_SIZE = (500, 375)  # CUB photos are at most 500 px on their long side, most of them 500 x 333-375
 TINY_BACKBONE = "test_resnet"  # the Predictor's model when no checkpoint is given: timing shows its overhead
 
@@ -337,17 +338,57 @@ def tiny_checkpoint(folder: Path, img_size: int) -> Path:
 def predictor_speed(checkpoint: Path | None, settings: Settings, jpegs: list[bytes]) -> dict:
     """From JPEG bytes to the top-5 classes: finegrain's Predictor against a hand-written timm pipeline (PIL
     decode, resize, centre crop, normalise, the same network, softmax, top-k)."""
-    try:
-        from finegrain.predict import Predictor
-    except ImportError as e:
-        return {"skipped": f"finegrain.predict is not available ({e})"}
+    with _pipelines(checkpoint, settings) as (predictor, predict, reference):
+        result = {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}",
+                  "img_size": predictor.config.preprocessing["img_size"]}  # fmt: skip
+        images = itertools.cycle(jpegs)
+        for n in INFERENCE_BATCHES:
+            batches = [[next(images) for _ in range(n)] for _ in range(4)]
+            result[f"b{n}"] = figure(_measure(predict, batches, settings), _measure(reference, batches, settings))
+    return result
+
+
+def phone_jpegs(count: int, sources: list[Path] | None = None) -> list[bytes]:
+    """Camera-size photos: CUB-size JPEGs (`sources`, else `cub_like_jpegs`) upscaled to 4032 x 3024 (12
+    megapixels) with bicubic resampling and saved at quality 90, as phones save them."""
+    originals = [p.read_bytes() for p in sources[:count]] if sources else cub_like_jpegs(count, seed=1)
+    jpegs = []
+    for data in originals:
+        with Image.open(io.BytesIO(data)) as image:
+            large = image.convert("RGB").resize(PHONE_IMAGE_SIZE, Image.Resampling.BICUBIC)
+        buffer = io.BytesIO()
+        large.save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def phone_speed(checkpoint: Path | None, settings: Settings, jpegs: list[bytes]) -> dict:
+    """Batch-1 latency on 12-megapixel JPEGs: the Predictor (which decodes a JPEG at the smallest DCT scale the
+    input needs) against the hand-written pipeline (full decode, then resize), and whether their top-5 agree."""
+    with _pipelines(checkpoint, settings) as (predictor, predict, reference):
+        batches = [[jpeg] for jpeg in jpegs]
+        same = sum(
+            [p["class_id"] for p in predict(batch)] == reference(batch)[1][0].tolist() for batch in batches
+        )  # fmt: skip
+        steps = replace(settings, steps=max(settings.steps, len(batches)))
+        return {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}",
+                "img_size": predictor.config.preprocessing["img_size"], "source_size": list(PHONE_IMAGE_SIZE),
+                "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024, "decode_side": predictor.decode_side,
+                "photos": len(jpegs), "same_top5": same,
+                "b1": figure(_measure(predict, batches, steps), _measure(reference, batches, steps))}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _pipelines(checkpoint: Path | None, settings: Settings) -> Iterator[tuple]:
+    """(predictor, predict, reference): JPEG bytes of a batch to the Predictor's top-5, or to the reference's
+    (scores, class ids) from the same network object, so that only the pipeline around it differs."""
     import timm
+
+    from finegrain.predict import Predictor
 
     with tempfile.TemporaryDirectory() as folder:
         path = checkpoint or tiny_checkpoint(Path(folder), img_size=224)
-        takes_device = "device" in inspect.signature(Predictor.from_checkpoint).parameters
-        predictor = Predictor.from_checkpoint(path, **({"device": settings.device} if takes_device else {}))
-        # the reference runs the Predictor's own network object: only the pipeline around it differs
+        predictor = Predictor.from_checkpoint(path, device=settings.device)
         network, preprocessing = predictor.network, predictor.config.preprocessing
         size = preprocessing["img_size"]
         transform = timm.data.create_transform(
@@ -364,22 +405,19 @@ def predictor_speed(checkpoint: Path | None, settings: Settings, jpegs: list[byt
         def predict(batch: list[bytes]) -> list:
             return predictor.predict(batch[0] if len(batch) == 1 else batch, top_k=5)
 
-        def measure(run: Callable[[list[bytes]], object], batches: list[list[bytes]]) -> dict:
-            turns = itertools.cycle(batches)
-            with Meter(settings.device) as meter:
-                timed_loop(meter, lambda: run(next(turns)), settings.steps, settings.warmup)
-            return meter.result(len(batches[0]) * settings.steps)
+        yield predictor, predict, reference
 
-        result = {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}", "img_size": size}
-        images = itertools.cycle(jpegs)
-        for n in INFERENCE_BATCHES:
-            batches = [[next(images) for _ in range(n)] for _ in range(4)]
-            result[f"b{n}"] = figure(measure(predict, batches), measure(reference, batches))
-    return result
+
+def _measure(run: Callable[[list[bytes]], object], batches: list[list[bytes]], settings: Settings) -> dict:
+    turns = itertools.cycle(batches)
+    with Meter(settings.device) as meter:
+        timed_loop(meter, lambda: run(next(turns)), settings.steps, settings.warmup)
+    return meter.result(len(batches[0]) * settings.steps)
 
 
 def run_speed(recipe_paths: list[str], settings: Settings, checkpoint: Path | None = None,
-              sections: tuple[str, ...] = ("models", "data", "predictor"), command: str = "") -> dict:  # fmt: skip
+              sections: tuple[str, ...] = SECTIONS, command: str = "",
+              phone_sources: list[Path] | None = None) -> dict:  # fmt: skip
     """All figures of `finegrain bench speed` as one JSON-ready report."""
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise FinegrainError("--device cuda: no CUDA device is visible to torch; run on a GPU machine or --device cpu")
@@ -398,4 +436,6 @@ def run_speed(recipe_paths: list[str], settings: Settings, checkpoint: Path | No
         report["data"] = data_speed(preprocessing, settings, jpegs)
     if "predictor" in sections:
         report["predictor"] = predictor_speed(checkpoint, settings, jpegs)
+    if "phone" in sections:
+        report["phone"] = phone_speed(checkpoint, settings, phone_jpegs(8, phone_sources))
     return report

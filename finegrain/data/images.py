@@ -21,6 +21,7 @@ twice ``PIL.Image.MAX_IMAGE_PIXELS`` whatever ``max_pixels`` says.
 from __future__ import annotations
 
 import io
+import math
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 from pillow_heif import register_heif_opener
 
 from finegrain.errors import FinegrainError
@@ -63,12 +65,26 @@ def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, *,
     ``max_pixels`` limits width * height of encoded sources (paths and bytes); None disables it.
     Raises ImageDecodeError for missing, empty, non-image, truncated, corrupt or oversized sources.
     """
+    return decode_photo(source, max_pixels=max_pixels)[0]
+
+
+def decode_photo(source: str | Path | bytes | Image.Image | np.ndarray, *, min_side: int | None = None,
+                 max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:  # fmt: skip
+    """`load_rgb`'s pixels, and the photo's own upright (width, height).
+
+    With ``min_side``, a JPEG decodes at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) whose shorter side
+    keeps at least ``min_side`` pixels (Pillow's ``Image.draft``): a 12-megapixel photo that a network sees at
+    256 px decodes at 1/8 of its side, and the pixels then differ from a full decode resized down by the
+    scaling's own filter only. Other formats decode whole. The size returned is always the photo's own.
+    """
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source)
+        pixels = _array_to_rgb(source)
+        return pixels, (pixels.shape[1], pixels.shape[0])
     if isinstance(source, Image.Image):
         _check_shape(source.size, None, "<PIL image>")
         with _translated("<PIL image>"):
-            return _pil_to_rgb(source)
+            pixels = _pil_to_rgb(source)
+        return pixels, (pixels.shape[1], pixels.shape[0])
     if isinstance(source, bytes):
         fp, name = io.BytesIO(source), "<bytes>"
     elif isinstance(source, str | Path):
@@ -77,7 +93,13 @@ def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, *,
         raise TypeError(f"load_rgb takes a path, bytes, PIL image or array, not {type(source).__name__}")
     with _translated(name, fp), Image.open(fp) as image:
         _check_shape(image.size, max_pixels, name)
-        return _pil_to_rgb(image)
+        size = _upright_size(image)
+        if min_side is not None and isinstance(image, JpegImageFile):  # MPO, many cameras' format, is one too
+            width, height = image.size
+            factor = min_side / min(width, height)
+            if factor < 1:
+                image.draft(None, (math.ceil(width * factor), math.ceil(height * factor)))
+        return _pil_to_rgb(image), size
 
 
 def check_image(path: str | Path, *, max_pixels: int | None = MAX_PIXELS) -> str | None:
@@ -97,11 +119,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     `load_rgb` apply."""
     path = Path(path)
     with _translated(str(path), path), Image.open(path) as image:
-        # PngImageFile.getexif decodes the whole image when no eXIf chunk precedes the pixels; the base
-        # method reads only what open() parsed, which is where the orientation lives in practice.
-        orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
         _check_shape(image.size, MAX_PIXELS, str(path))
-        width, height = image.size
+        return _upright_size(image)
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied, from the header alone."""
+    # PngImageFile.getexif decodes the whole image when no eXIf chunk precedes the pixels; the base
+    # method reads only what open() parsed, which is where the orientation lives in practice.
+    orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    width, height = image.size
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 

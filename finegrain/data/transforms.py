@@ -42,6 +42,11 @@ class Augment:
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
 
 
+def eval_resize_side(preprocessing: dict) -> int:
+    """The shorter side a photo is resized to before the eval centre crop (img_size / crop_pct)."""
+    return int(round(int(preprocessing["img_size"]) / float(preprocessing.get("crop_pct", 1.0))))
+
+
 def build_transform(preprocessing: dict, train: bool, augment: Augment | None = None,
                     seed: int | None = None) -> A.Compose:  # fmt: skip
     """Train: random resized crop, flip, mild colour jitter. Eval: resize by crop_pct, then centre crop.
@@ -60,8 +65,7 @@ def build_transform(preprocessing: dict, train: bool, augment: Augment | None = 
             c = augment.color_jitter
             steps.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=0.0, p=0.8))
     else:
-        resize = int(round(size / float(preprocessing.get("crop_pct", 1.0))))
-        steps = [A.SmallestMaxSize(max_size=resize, interpolation=interpolation, p=1.0),
+        steps = [A.SmallestMaxSize(max_size=eval_resize_side(preprocessing), interpolation=interpolation, p=1.0),
                  A.CenterCrop(height=size, width=size, p=1.0)]  # fmt: skip
     steps += [A.Normalize(mean=preprocessing["mean"], std=preprocessing["std"], max_pixel_value=255.0, p=1.0),
               ToTensorV2()]  # fmt: skip

@@ -186,7 +186,7 @@ def settings_to_environment(settings: ServeSettings) -> dict[str, str]:
 
 def response_body(explanation: Explanation, top_k: int, preview: bool) -> dict:
     """The JSON of one prediction: `Predictor.predict`'s list, then where the model looked, in photo pixels."""
-    height, width = explanation.image.shape[:2]
+    width, height = explanation.photo_size
     regions = {name: list(box) for name, box in explanation.boxes.items()}
     maps = {}
     for name, values in explanation.attention_maps.items():
