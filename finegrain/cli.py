@@ -47,7 +47,7 @@ def predict_images(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output_path(args.output)
     files, problems = find_images(args.paths)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
     if args.top_k > len(predictor.class_names):
         print(f"finegrain: --top-k {args.top_k} is more than the model's {len(predictor.class_names)} classes: "
               f"listing all {len(predictor.class_names)}", file=sys.stderr)  # fmt: skip
@@ -78,7 +78,8 @@ def serve_model(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0:
         raise FinegrainError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
-    settings = ServeSettings(checkpoint=str(args.checkpoint), device=args.device, max_batch_size=args.max_batch_size,
+    settings = ServeSettings(checkpoint=str(args.checkpoint), device=args.device, backend=args.backend,
+                             max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_upload_bytes=round(args.max_upload_mb * 2**20),
                              max_pixels=round(args.max_megapixels * 1e6))  # fmt: skip
     serve(settings, host=args.host, port=args.port, workers=args.workers)
@@ -153,6 +154,10 @@ def show_info(args: list[str]) -> int:
     return 0
 
 
+BACKENDS = ("torch", "onnxruntime")
+BACKEND_HELP = "torch, or onnxruntime: the graph of a folder from `finegrain export --onnx`, on the CPU"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finegrain",
@@ -204,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a .ckpt from `finegrain fit`, or a folder from `finegrain export`")  # fmt: skip
     predict.add_argument("--top-k", type=int, default=5, help="species listed per image")
     predict.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    predict.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     predict.add_argument("--output", type=Path, help="also write the results to a .json or .csv file")
     predict.add_argument("--save-viz", type=Path, metavar="DIR",
@@ -216,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    serve.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
     serve.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
     serve.add_argument("--max-batch-size", type=int, default=8, help="photos that arrive together share a pass")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a photo waits for others to join")

@@ -7,17 +7,19 @@ Neither needs the dataset or the recipe. Nothing is unpickled as code: checkpoin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from finegrain.checkpoints import CHECKPOINT_FIX, load_checkpoint, network_spec
 from finegrain.errors import FinegrainError
-from finegrain.models import create_network
+from finegrain.models import ModelOutput, create_network
 from finegrain.models.backbones import _first_few
 
 PACKAGE_CONFIG = "finegrain.json"
@@ -79,9 +81,20 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
 
 def read_package(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """A `finegrain export` folder: finegrain.json and model.safetensors."""
-    config_path, weights_path = folder / PACKAGE_CONFIG, folder / PACKAGE_WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
+    weights_path = folder / PACKAGE_WEIGHTS
+    if not (folder / PACKAGE_CONFIG).is_file() or not weights_path.is_file():
         raise FinegrainError(f"{folder} is a folder without {PACKAGE_CONFIG} and {PACKAGE_WEIGHTS}; {_MODEL_FIX}")
+    config, _ = read_package_config(folder)
+    try:
+        state_dict = safetensors.torch.load_file(weights_path, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise FinegrainError(f"{weights_path} is not a safetensors file ({e}); export the checkpoint again") from e
+    return config, state_dict
+
+
+def read_package_config(folder: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig of a package folder, and its finegrain.json as read (the "onnx" entry, when exported)."""
+    config_path = folder / PACKAGE_CONFIG
     try:
         meta = json.loads(config_path.read_text())
         version = meta["format_version"]
@@ -89,14 +102,57 @@ def read_package(folder: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise FinegrainError(f"{config_path} is not a finegrain package config ({type(e).__name__}: {e}); "
                              "export the checkpoint again with `finegrain export`") from e  # fmt: skip
+    except OSError as e:
+        raise FinegrainError(f"cannot read {config_path} ({e.strerror or e}); {_MODEL_FIX}") from e
     if version > FORMAT_VERSION:
         raise FinegrainError(f"{config_path} has format version {version}, newer than this finegrain's "
                              f"{FORMAT_VERSION}; update finegrain")  # fmt: skip
-    try:
-        state_dict = safetensors.torch.load_file(weights_path, device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise FinegrainError(f"{weights_path} is not a safetensors file ({e}); export the checkpoint again") from e
-    return config, state_dict
+    return config, meta
+
+
+class OnnxRuntimeNetwork(nn.Module):
+    """A package's exported ONNX graph run by ONNX Runtime on the CPU, answering with a ModelOutput as the network
+    it was exported from does: logits and boxes (the graph has no attention maps)."""
+
+    branch_names: tuple[str, ...] = ()
+
+    def __init__(self, path: Path, input_name: str, output_names: list[str], threads: int | None = None):
+        super().__init__()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # the same thread count as torch, so that the backends compare like for like
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own pybind types for a bad graph
+            raise FinegrainError(f"{path} does not load in ONNX Runtime ({e}); export the model again") from e
+        self.input_name, self.output_names = input_name, list(output_names)
+        self.box_names = [name.removeprefix("boxes.") for name in self.output_names if name.startswith("boxes.")]
+
+    def forward(self, images: Tensor) -> ModelOutput:
+        arrays = self.session.run(self.output_names, {self.input_name: images.detach().cpu().float().numpy()})
+        named = dict(zip(self.output_names, (torch.from_numpy(a) for a in arrays), strict=True))
+        return ModelOutput(logits=named["logits"], boxes={name: named[f"boxes.{name}"] for name in self.box_names})
+
+
+def read_onnx_model(path: str | Path) -> tuple[ModelConfig, OnnxRuntimeNetwork]:
+    """The config and ONNX Runtime network of a package exported with `--onnx` (its folder or one of its files)."""
+    folder = Path(path)
+    if folder.is_file() and folder.name in (PACKAGE_CONFIG, PACKAGE_WEIGHTS, PACKAGE_ONNX):
+        folder = folder.parent
+    if not (folder / PACKAGE_CONFIG).is_file():
+        raise FinegrainError(f"the onnxruntime backend runs an exported graph, and {path} is no `finegrain export` "
+                             f"folder; run `finegrain export {path} OUT_DIR --onnx` and pass OUT_DIR")  # fmt: skip
+    config, meta = read_package_config(folder)
+    graph = meta.get("onnx")
+    if not isinstance(graph, dict) or not (folder / str(graph.get("file"))).is_file():
+        raise FinegrainError(f"{folder} holds no ONNX graph; export it with --onnx: finegrain export CKPT {folder} "
+                             "--onnx")  # fmt: skip
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise FinegrainError("the onnxruntime backend needs ONNX Runtime: pip install 'finegrain[onnx]'")
+    return config, OnnxRuntimeNetwork(folder / graph["file"], graph["input"], graph["outputs"])
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, Tensor], source: Path) -> nn.Module:

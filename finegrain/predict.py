@@ -23,7 +23,7 @@ from finegrain.errors import FinegrainError
 from finegrain.explain import Explanation
 from finegrain.geometry import InputFrame, input_box_to_photo, round_box
 from finegrain.models import ModelOutput
-from finegrain.package import ModelConfig, build_model, read_model
+from finegrain.package import ModelConfig, build_model, read_model, read_onnx_model
 
 FRAME_CACHE_SIZE = 1024  # photo sizes whose input frame is kept; phone and camera photos come in few sizes
 
@@ -49,11 +49,20 @@ class Predictor:
         self._frames = functools.lru_cache(maxsize=FRAME_CACHE_SIZE)(self._measure_frame)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:
         """Load a `finegrain fit` checkpoint (.ckpt) or a `finegrain export` folder.
 
         device: "auto" (CUDA when available, else CPU) or a torch device ("cpu", "cuda:1", ...).
+        backend: "torch" (eager PyTorch), or "onnxruntime": the ONNX graph of a folder exported with `--onnx`, on
+            the CPU; the same logits and boxes (to about 1e-5), no attention maps.
         """
+        if backend == "onnxruntime":
+            if device not in ("auto", "cpu"):
+                raise FinegrainError(f"the onnxruntime backend runs on the CPU, not {device!r}; pass --device cpu")
+            config, network = read_onnx_model(path)
+            return cls(network, config, "cpu")
+        if backend != "torch":
+            raise FinegrainError(f"backend {backend!r} is not one of torch, onnxruntime")
         device = resolve_device(device)
         config, state_dict = read_model(path)
         return cls(build_model(config, state_dict, Path(path)), config, device)

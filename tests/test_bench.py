@@ -87,9 +87,14 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
     assert phone["source_size"] == [4032, 3024] and phone["photos"] == 8 and phone["decode_side"] >= phone["img_size"]
     assert 0 <= phone["same_top5"] <= 8
     check_figure(phone["b1"])
+    onnx = report["onnx"]
+    assert onnx["method"] == "Classifier" and onnx["images"] == 32 and onnx["same_top1"] == 32
+    assert onnx["max_logit_difference"] < 1e-3 and onnx["max_box_difference"] == 0
+    check_figure(onnx["b1"])
+    check_figure(onnx["b32"])
     out_text = capsys.readouterr().out
     assert "| baseline | baseline | test_resnet | 64 | 2 |" in out_text and f"wrote {out}" in out_text
-    assert "Predictor on 4032×3024 JPEGs" in out_text
+    assert "Predictor on 4032×3024 JPEGs" in out_text and "ONNX Runtime on the exported graph" in out_text
 
 
 def test_phone_photos_are_12_megapixel_jpegs_made_from_the_given_photos(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from finegrain.cli import main
 from finegrain.errors import FinegrainError
@@ -55,6 +56,42 @@ def test_package_and_onnx_match_the_checkpoint(method, tmp_path, capsys):
         assert set(outputs) == {"logits", *(f"boxes.{name}" for name in reference.boxes)}
         for name, boxes in reference.boxes.items():
             np.testing.assert_allclose(outputs[f"boxes.{name}"], boxes.numpy(), atol=1e-4, rtol=0)
+
+    # the Predictor on the exported graph: the same answers, boxes in photo pixels, no attention maps
+    runtime = Predictor.from_checkpoint(tmp_path / "pkg", backend="onnxruntime")
+    runtime_output = runtime.forward(inputs)
+    torch.testing.assert_close(runtime_output.logits, original.forward(inputs).logits, atol=1e-4, rtol=0)
+    for eager, onnx in zip(original.explain(photos), runtime.explain(photos), strict=True):
+        assert [p["class_id"] for p in onnx.predictions] == [p["class_id"] for p in eager.predictions]
+        assert [p["score"] for p in onnx.predictions] == pytest.approx([p["score"] for p in eager.predictions],
+                                                                       abs=1e-4)  # fmt: skip
+        assert onnx.boxes.keys() == eager.boxes.keys()
+        for name, box in eager.boxes.items():
+            assert onnx.boxes[name] == pytest.approx(box, abs=1e-2)
+        assert onnx.attention_maps == {}
+
+
+def test_the_onnxruntime_backend_names_what_it_needs(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "m.ckpt", method="baseline", attention="none")
+    with pytest.raises(FinegrainError, match="no `finegrain export` folder; run `finegrain export"):
+        Predictor.from_checkpoint(checkpoint, backend="onnxruntime")
+    assert main(["export", str(checkpoint), str(tmp_path / "plain")]) == 0
+    with pytest.raises(FinegrainError, match="holds no ONNX graph; export it with --onnx"):
+        Predictor.from_checkpoint(tmp_path / "plain", backend="onnxruntime")
+    assert main(["export", str(checkpoint), str(tmp_path / "pkg"), "--onnx"]) == 0
+    with pytest.raises(FinegrainError, match="runs on the CPU"):
+        Predictor.from_checkpoint(tmp_path / "pkg", device="cuda", backend="onnxruntime")
+    with pytest.raises(FinegrainError, match="backend 'tensorrt' is not one of torch, onnxruntime"):
+        Predictor.from_checkpoint(tmp_path / "pkg", backend="tensorrt")
+    (tmp_path / "pkg" / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(FinegrainError, match="does not load in ONNX Runtime"):
+        Predictor.from_checkpoint(tmp_path / "pkg" / "model.onnx", backend="onnxruntime")
+    assert main(["export", str(checkpoint), str(tmp_path / "pkg"), "--onnx"]) == 0
+    image = tmp_path / "bird.png"
+    Image.fromarray(photo(80, 60, 3)).save(image)
+    capsys.readouterr()
+    assert main(["predict", str(image), "--checkpoint", str(tmp_path / "pkg"), "--backend", "onnxruntime"]) == 0
+    assert "bird.png" in capsys.readouterr().out
 
 
 def test_package_without_onnx_and_its_errors(tmp_path):

@@ -34,7 +34,7 @@ def bench_speed(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, steps=args.steps or defaults[0],
                         warmup=defaults[1] if args.warmup is None else args.warmup)  # fmt: skip
     command = command_line("finegrain bench speed", args.recipes, _options(args, "recipes"))
-    sections = tuple(args.only) if args.only else SECTIONS
+    sections = tuple(args.only) if args.only else SECTIONS if args.device == "cpu" else SECTIONS[:-1]
     phone_sources = None
     if args.phone_photos:
         from finegrain.predict_files import find_images
@@ -99,8 +99,9 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     speed.add_argument("--steps", type=int, help="timed steps of every measurement (default: cpu 5, cuda 30)")
     speed.add_argument("--warmup", type=int, help="untimed steps first (default: cpu 2, cuda 10)")
     speed.add_argument("--checkpoint", type=Path, help="Predictor latency of this checkpoint (default: a tiny model)")
-    speed.add_argument("--only", nargs="+", choices=("models", "data", "predictor", "phone"),
-                       help="measure only these parts (phone: Predictor on 12-megapixel JPEGs)")  # fmt: skip
+    speed.add_argument("--only", nargs="+", choices=("models", "data", "predictor", "phone", "onnx"),
+                       help="measure only these parts (phone: Predictor on 12-megapixel JPEGs; onnx: ONNX "
+                            "Runtime against PyTorch eager)")  # fmt: skip
     speed.add_argument("--phone-photos", type=Path, nargs="+", metavar="PATH",
                        help="photos to upscale to 12 megapixels for --only phone (default: synthetic)")  # fmt: skip
     speed.add_argument("--json", type=Path, help="write the report here")

@@ -158,6 +158,17 @@ def _speed_tables(report: dict) -> list[str]:
                   _table(["Predictor", "PIL + timm reference", "ratio", "same top-5"],
                          [[f"{fig['finegrain']['images_per_s']:.2f}", f"{fig['reference']['images_per_s']:.2f}",
                            f"×{fig['ratio']:.2f}", f"{phone['same_top5']} of {phone['photos']}"]]), ""]  # fmt: skip
+    onnx = report.get("onnx")
+    if onnx:
+        rows = [[str(n), f"{onnx[f'b{n}']['finegrain']['images_per_s']:.1f}",
+                 f"{onnx[f'b{n}']['reference']['images_per_s']:.1f}", f"×{onnx[f'b{n}']['ratio']:.2f}"]
+                for n in (1, 32)]  # fmt: skip
+        lines += [f"ONNX Runtime on the exported graph against PyTorch eager, the network alone on preprocessed "
+                  f"inputs ({onnx['method']}, {onnx['checkpoint']}, {onnx['img_size']} px, {onnx['threads']} "
+                  f"threads each): images/s. Largest logit difference {onnx['max_logit_difference']:.1e}, box "
+                  f"difference {onnx['max_box_difference']:.1e}; same top-1 on {onnx['same_top1']} of "
+                  f"{onnx['images']} images.", "",
+                  _table(["batch", "ONNX Runtime", "PyTorch eager", "ratio"], rows), ""]  # fmt: skip
     return lines
 
 

@@ -39,7 +39,7 @@ from finegrain.models.backbones import preprocessing_config
 log = logging.getLogger(__name__)
 
 INFERENCE_BATCHES = (1, 32)
-SECTIONS = ("models", "data", "predictor", "phone")
+SECTIONS = ("models", "data", "predictor", "phone", "onnx")
 PHONE_IMAGE_SIZE = (4032, 3024)  # 12 megapixels, the 4:3 photo of most phones
 CUB_IMAGE_SIZE = (500, 375)  # CUB photos are at most 500 px on their long side, most of them 500 x 333-375
 TINY_BACKBONE = "test_resnet"  # the Predictor's model when no checkpoint is given: timing shows its overhead
@@ -378,6 +378,39 @@ def phone_speed(checkpoint: Path | None, settings: Settings, jpegs: list[bytes])
                 "b1": figure(_measure(predict, batches, steps), _measure(reference, batches, steps))}  # fmt: skip
 
 
+def onnx_speed(checkpoint: Path | None, settings: Settings) -> dict:
+    """The network alone on preprocessed batches: ONNX Runtime on the exported graph against PyTorch eager, at
+    batch 1 and 32, with how far their logits and boxes differ and whether their top-1 agree."""
+    from finegrain.export import export_package
+    from finegrain.predict import Predictor
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = checkpoint or tiny_checkpoint(Path(folder), img_size=224)
+        package = export_package(path, Path(folder) / "package", onnx=True)
+        eager = Predictor.from_checkpoint(package, device="cpu")
+        runtime = Predictor.from_checkpoint(package, backend="onnxruntime")
+        size = eager.config.preprocessing["img_size"]
+        inputs = eager.preprocess([np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in cub_like_jpegs(32)])
+        reference, answer = eager.forward(inputs), runtime.forward(inputs)
+        result = {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}", "img_size": size,
+                  "method": eager.config.method, "threads": torch.get_num_threads(),
+                  "max_logit_difference": (answer.logits - reference.logits).abs().max().item(),
+                  "max_box_difference": max([(answer.boxes[k] - b).abs().max().item()
+                                             for k, b in reference.boxes.items()], default=0.0),
+                  "same_top1": int((answer.logits.argmax(1) == reference.logits.argmax(1)).sum()),
+                  "images": len(inputs)}  # fmt: skip
+        for n in INFERENCE_BATCHES:
+            batch = inputs[:n]
+            with Meter("cpu") as meter:
+                timed_loop(meter, lambda b=batch: runtime.forward(b), settings.steps, settings.warmup)
+            mine = meter.result(n * settings.steps)
+            with Meter("cpu") as meter:
+                timed_loop(meter, lambda b=batch: eager.forward(b), settings.steps, settings.warmup)
+            theirs = meter.result(n * settings.steps)
+            result[f"b{n}"] = figure(mine, theirs)
+    return result
+
+
 @contextlib.contextmanager
 def _pipelines(checkpoint: Path | None, settings: Settings) -> Iterator[tuple]:
     """(predictor, predict, reference): JPEG bytes of a batch to the Predictor's top-5, or to the reference's
@@ -438,4 +471,8 @@ def run_speed(recipe_paths: list[str], settings: Settings, checkpoint: Path | No
         report["predictor"] = predictor_speed(checkpoint, settings, jpegs)
     if "phone" in sections:
         report["phone"] = phone_speed(checkpoint, settings, phone_jpegs(8, phone_sources))
+    if "onnx" in sections:
+        if settings.device != "cpu":
+            raise FinegrainError("--only onnx measures ONNX Runtime on the CPU; run it with --device cpu")
+        report["onnx"] = onnx_speed(checkpoint, settings)
     return report

@@ -44,6 +44,7 @@ PREVIEW_HELP = "add the upright photo as a JPEG data URL (what the page draws th
 class ServeSettings:
     checkpoint: str
     device: str = "auto"
+    backend: str = "torch"  # or "onnxruntime": the exported graph of a package
     max_batch_size: int = 8
     max_wait_ms: float = 5.0
     max_upload_bytes: int = 20 * 2**20
@@ -80,6 +81,7 @@ class PredictResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     method: str
+    backend: str
     network: str
     classes: int
     class_names: list[str]
@@ -113,6 +115,7 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     app.state.predictor = predictor
     model_info = ModelInfo(
         method=predictor.config.method,
+        backend=settings.backend,
         network=predictor.config.network["class_path"],
         classes=len(predictor.class_names),
         class_names=predictor.class_names,
@@ -177,7 +180,11 @@ def app_from_environment() -> FastAPI:
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_VARIABLE]))
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    return create_app(Predictor.from_checkpoint(settings.checkpoint, device=settings.device), settings)
+    return create_app(load_predictor(settings), settings)
+
+
+def load_predictor(settings: ServeSettings) -> Predictor:
+    return Predictor.from_checkpoint(settings.checkpoint, device=settings.device, backend=settings.backend)
 
 
 def settings_to_environment(settings: ServeSettings) -> dict[str, str]:

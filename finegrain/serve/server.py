@@ -15,9 +15,7 @@ from dataclasses import replace
 import uvicorn
 
 from finegrain.errors import FinegrainError
-from finegrain.package import read_model
-from finegrain.predict import Predictor
-from finegrain.serve.app import ServeSettings, create_app, settings_to_environment
+from finegrain.serve.app import ServeSettings, create_app, load_predictor, settings_to_environment
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
@@ -30,9 +28,9 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         raise FinegrainError("--max-upload-mb must be positive")
     check_port_free(host, port)
     if workers == 1:
-        app = create_app(Predictor.from_checkpoint(settings.checkpoint, device=settings.device), settings)
+        app = create_app(load_predictor(settings), settings)
     else:
-        read_model(settings.checkpoint)  # a bad checkpoint is one line here, not a traceback in every worker
+        load_predictor(settings)  # a bad checkpoint is one line here, not a traceback in every worker
         # each worker runs its own forward passes: share the cores instead of oversubscribing them
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ.update(settings_to_environment(replace(settings, torch_threads=threads)))
