@@ -360,11 +360,12 @@ def _jpeg(width: int, height: int, orientation: int = 1) -> bytes:
 
 
 @pytest.mark.parametrize(("min_side", "decoded"), [(256, (500, 375)), (180, (250, 188)), (400, (1000, 750)),
-                                                   (1500, (2000, 1500)), (None, (2000, 1500))])  # fmt: skip
+                                                   (1500, (2000, 1500)), (None, (2000, 1500)),
+                                                   (60, (84, 63))])  # fmt: skip
 def test_a_large_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_min_side(min_side, decoded):
     pixels, size = decode_photo(_jpeg(2000, 1500), min_side=min_side)
     assert size == (2000, 1500)
-    assert (pixels.shape[1], pixels.shape[0]) == decoded  # 1/4, 1/8, 1/2, whole, whole
+    assert (pixels.shape[1], pixels.shape[0]) == decoded  # 1/4, 1/8, 1/2, whole, whole, 1/8 then a third
     assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous
 
 
@@ -376,8 +377,11 @@ def test_a_reduced_decode_is_upright_and_reports_the_upright_size():
     assert np.abs(reduced - pixels).mean() < 3  # the DCT scaling is a box-like filter of the same picture
 
 
-def test_other_formats_decode_whole_whatever_min_side():
+def test_other_formats_are_reduced_by_a_whole_factor_that_keeps_min_side():
     buffer = io.BytesIO()
     Image.new("RGB", (2000, 1500), (10, 200, 30)).save(buffer, format="PNG")
     pixels, size = decode_photo(buffer.getvalue(), min_side=64)
-    assert pixels.shape[:2] == (1500, 2000) and size == (2000, 1500)
+    assert pixels.shape[:2] == (66, 87) and size == (2000, 1500)  # 1500 // 64 = 23: ceil(1500 / 23) rows
+    assert (pixels == (10, 200, 30)).all()
+    assert decode_photo(buffer.getvalue(), min_side=1000)[0].shape[:2] == (1500, 2000)  # under twice: whole
+    assert decode_photo(buffer.getvalue())[0].shape[:2] == (1500, 2000)

@@ -74,8 +74,9 @@ def decode_photo(source: str | Path | bytes | Image.Image | np.ndarray, *, min_s
 
     With ``min_side``, a JPEG decodes at the smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) whose shorter side
     keeps at least ``min_side`` pixels (Pillow's ``Image.draft``): a 12-megapixel photo that a network sees at
-    256 px decodes at 1/8 of its side, and the pixels then differ from a full decode resized down by the
-    scaling's own filter only. Other formats decode whole. The size returned is always the photo's own.
+    256 px decodes at 1/8 of its side. Whatever is then still at least twice ``min_side`` (other formats, or
+    beyond 1/8) is reduced by the largest whole factor that keeps ``min_side`` (a box filter, ``Image.reduce``).
+    The size returned is always the photo's own.
     """
     if isinstance(source, np.ndarray):
         pixels = _array_to_rgb(source)
@@ -94,12 +95,20 @@ def decode_photo(source: str | Path | bytes | Image.Image | np.ndarray, *, min_s
     with _translated(name, fp), Image.open(fp) as image:
         _check_shape(image.size, max_pixels, name)
         size = _upright_size(image)
-        if min_side is not None and isinstance(image, JpegImageFile):  # MPO, many cameras' format, is one too
+        if min_side is None:
+            return _pil_to_rgb(image), size
+        if isinstance(image, JpegImageFile):  # MPO, many cameras' format, is one too
             width, height = image.size
             factor = min_side / min(width, height)
             if factor < 1:
                 image.draft(None, (math.ceil(width * factor), math.ceil(height * factor)))
-        return _pil_to_rgb(image), size
+        pixels = _pil_to_rgb(image)
+    # what is still twice too large (a PNG, a HEIC, a 48-megapixel JPEG past 1/8) is box-filtered by a whole
+    # factor, as the DCT scaling does: a later bilinear resize by 10x or more would alias
+    factor = min(pixels.shape[:2]) // min_side
+    if factor >= 2:
+        pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
+    return pixels, size
 
 
 def check_image(path: str | Path, *, max_pixels: int | None = MAX_PIXELS) -> str | None:
