@@ -240,13 +240,35 @@ def crop_region(image: np.ndarray, box: tuple[float, float, float, float], parts
     return image[y0:y1, x0:x1], (x - x0, y - y0, w, h), parts
 
 
-def crop_to_box(image: np.ndarray, box: tuple[float, float, float, float],
-                parts: np.ndarray) -> tuple[np.ndarray, tuple, np.ndarray]:  # fmt: skip
-    """The "with boxes" setting: the whole pixels covering the (x, y, w, h) box, inside the image."""
+PAD_COLOUR = (124, 116, 104)  # ImageNet's mean colour: padding that normalises to about zero
+
+
+def crop_to_box(image: np.ndarray, box: tuple[float, float, float, float], parts: np.ndarray,
+                context: float = 0.0, square: bool = False) -> tuple[np.ndarray, tuple, np.ndarray]:  # fmt: skip
+    """The "with boxes" setting: the whole pixels covering the (x, y, w, h) box, inside the image.
+
+    context: grow the box by this fraction of its width and height on every side (the bird's surroundings).
+    square: grow the shorter side to the longer around the box centre, padding with PAD_COLOUR where that leaves
+        the image, so that an eval centre crop (with crop_pct 1) cuts nothing of the bird: its aspect is kept.
+    """
     height, width = image.shape[:2]
     x, y, w, h = box
-    x0, y0 = int(max(0, np.floor(x))), int(max(0, np.floor(y)))
-    x1, y1 = int(min(width, np.ceil(x + w))), int(min(height, np.ceil(y + h)))
+    grown_w, grown_h = w * (1 + 2 * context), h * (1 + 2 * context)
+    if square:
+        grown_w = grown_h = max(grown_w, grown_h)
+    cx, cy = x + w / 2, y + h / 2
+    x0, y0 = int(np.floor(cx - grown_w / 2)), int(np.floor(cy - grown_h / 2))
+    x1, y1 = int(np.ceil(cx + grown_w / 2)), int(np.ceil(cy + grown_h / 2))
+    if not square:
+        return crop_region(image, box, parts, max(0, x0), max(0, y0), min(width, x1), min(height, y1))
+    pad = ((max(0, -y0), max(0, y1 - height)), (max(0, -x0), max(0, x1 - width)))
+    if any(p for side in pad for p in side):
+        image = np.stack([np.pad(image[..., c], pad, constant_values=PAD_COLOUR[c]) for c in range(3)], axis=-1)
+        (top, _), (left, _) = pad
+        box, parts = (x + left, y + top, w, h), parts.copy()
+        parts[:, 0] += left
+        parts[:, 1] += top
+        x0, x1, y0, y1 = x0 + left, x1 + left, y0 + top, y1 + top
     return crop_region(image, box, parts, x0, y0, x1, y1)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from finegrain.errors import FinegrainError
 from finegrain.geometry import (
+    PAD_COLOUR,
     bound_affine,
     bound_transform,
     box_to_transform,
@@ -200,6 +201,33 @@ def test_crop_to_box_takes_the_whole_pixels_under_the_box_and_moves_the_annotati
     np.testing.assert_array_equal(region, image[5:40, 10:31])  # floor/ceil of the edges, inside the image
     assert box == pytest.approx((0.5, 0.2, 20.0, 40.0))
     np.testing.assert_array_equal(moved, [[10, 10, 1]])
+
+
+def test_crop_to_box_with_context_grows_the_box_on_every_side_inside_the_image():
+    image = np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3)
+    parts = np.array([[20.0, 15.0, 1.0]], np.float32)
+    # 20 x 10 box at (20, 10): a quarter more on each side is 5 px left and right, 2.5 px up and down
+    region, box, moved = crop_to_box(image, (20.0, 10.0, 20.0, 10.0), parts, context=0.25)
+    np.testing.assert_array_equal(region, image[7:23, 15:45])  # y 7.5 -> 7, 22.5 -> 23
+    assert box == pytest.approx((5.0, 3.0, 20.0, 10.0))
+    np.testing.assert_array_equal(moved, [[5, 8, 1]])
+    # at the photo's edge the grown box stops at the edge
+    region, box, _ = crop_to_box(image, (0.0, 0.0, 20.0, 10.0), parts, context=0.5)
+    np.testing.assert_array_equal(region, image[0:15, 0:30])
+    assert box == (0.0, 0.0, 20.0, 10.0)
+
+
+def test_crop_to_box_square_keeps_the_aspect_and_pads_outside_the_photo():
+    image = np.full((40, 60, 3), 7, np.uint8)
+    parts = np.array([[10.0, 20.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
+    # a 10 wide, 30 tall box at (5, 5): a 30 x 30 square around its centre (10, 20) spans x -5..25, y 5..35
+    region, box, moved = crop_to_box(image, (5.0, 5.0, 10.0, 30.0), parts, square=True)
+    assert region.shape == (30, 30, 3)
+    np.testing.assert_array_equal(region[:, :5], np.broadcast_to(PAD_COLOUR, (30, 5, 3)))  # the 5 px left of x 0
+    assert (region[:, 5:] == 7).all()
+    assert box == (10.0, 0.0, 10.0, 30.0)  # the box now starts 10 px into the square, at its top
+    np.testing.assert_array_equal(moved, [[15, 15, 1], [5, -5, 0]])
+    assert crop_to_box(image, (20.0, 10.0, 20.0, 10.0), parts, context=0.25, square=True)[0].shape == (30, 30, 3)
 
 
 def test_input_frame_from_corners_maps_input_boxes_back_and_refuses_a_mirror():

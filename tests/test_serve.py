@@ -12,13 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from finegrain.cli import main
 from finegrain.errors import FinegrainError
 from finegrain.predict import Predictor
-from finegrain.serve.app import ServeSettings, create_app, decode_status
+from finegrain.serve.app import (
+    ServeSettings,
+    app_from_environment,
+    create_app,
+    decode_status,
+    load_predictor,
+    settings_to_environment,
+)
 from finegrain.serve.batching import MicroBatcher
 from finegrain.serve.server import check_port_free
 from finegrain.serve.uploads import UploadError, extract_upload
@@ -279,3 +287,35 @@ def test_cli_refuses_a_taken_port_and_a_missing_model_in_one_line(tmp_path, caps
     assert "nope.ckpt not found" in err and "\n" not in err
     assert main(["serve", "--checkpoint", str(checkpoint), "--max-upload-mb", "0"]) == 2
     assert "--max-upload-mb must be positive" in capsys.readouterr().err
+
+
+def test_worker_processes_build_the_app_from_the_environment(checkpoint, photos, monkeypatch):
+    """What each `--workers` process runs: the settings travel as JSON in an environment variable."""
+    settings = ServeSettings(checkpoint=str(checkpoint), device="cpu", max_batch_size=2, torch_threads=1)
+    for name, value in settings_to_environment(settings).items():
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    try:
+        with TestClient(app_from_environment()) as worker:
+            assert torch.get_num_threads() == 1
+            assert worker.get("/model").json()["max_batch_size"] == 2
+            response = worker.post("/predict", content=photos[0], headers={"content-type": "image/jpeg"})
+            assert response.status_code == 200 and len(response.json()["predictions"]) == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_onnxruntime_backend_serves_the_same_species_without_maps(checkpoint, predictor, photos, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from finegrain.export import export_package
+
+    package = export_package(checkpoint, tmp_path / "package", onnx=True)
+    settings = ServeSettings(checkpoint=str(package), backend="onnxruntime")
+    with TestClient(create_app(load_predictor(settings), settings)) as onnx_client:
+        assert onnx_client.get("/model").json()["backend"] == "onnxruntime"
+        body = onnx_client.post("/predict", content=photos[2], headers={"content-type": "image/jpeg"}).json()
+    assert same_predictions(body["predictions"], predictor.predict(photos[2]), tol=1e-4)
+    eager = predictor.explain(photos[2])
+    for name, box in eager.boxes.items():
+        np.testing.assert_allclose(body["boxes"][name], box, atol=1e-2)
+    assert body["attention_maps"] == {}

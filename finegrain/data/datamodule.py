@@ -88,6 +88,9 @@ class CUBDataModule(pl.LightningDataModule):
         val_fraction: share of each class's official train images held out for validation (seeded, stratified).
         split_seed: seed of that split.
         use_boxes: train and evaluate on the ground-truth box crop (the literature's "with boxes" setting).
+        box_context: with use_boxes, grow the box by this fraction of its size on every side.
+        box_square: with use_boxes, grow the box to a square (padding outside the photo): with crop_pct 1, the
+            eval centre crop then cuts nothing of the bird.
         preprocessing: the network's own (mean, std, img_size, crop_pct, interpolation: timm's data config of
             its backbone); `finegrain fit` links it from model.network. None: ImageNet statistics at 224 px.
         img_size: input size; None keeps the network's.
@@ -106,6 +109,8 @@ class CUBDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         use_boxes: bool = False,
+        box_context: float = 0.0,
+        box_square: bool = False,
         preprocessing: dict | None = None,
         img_size: int | None = None,
         crop_pct: float | None = None,
@@ -124,7 +129,11 @@ class CUBDataModule(pl.LightningDataModule):
         self.synthesize = synthesize
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        self.region: Callable | None = crop_to_box if use_boxes else None  # None: whole images
+        if box_context < 0:
+            raise FinegrainError(f"data.box_context must be 0 or more (a fraction of the box), got {box_context}")
+        # None: whole images
+        self.region: Callable | None = (functools.partial(crop_to_box, context=box_context, square=box_square)
+                                        if use_boxes else None)  # fmt: skip
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
