@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from finegrain.data.images import decode_photo
+from finegrain.data.images import MAX_PIXELS, decode_photo
 from finegrain.data.transforms import build_transform, eval_resize_side, input_frame
 from finegrain.errors import FinegrainError
 from finegrain.explain import Explanation
@@ -113,9 +113,18 @@ class Predictor:
         """
         return eval_resize_side(self.config.preprocessing)
 
-    def decode(self, source: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
+    def decode(self, source: ImageSource, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         """Pixels for this model and the photo's own (width, height); a large JPEG decodes at a reduced size."""
-        return decode_photo(source, min_side=self.decode_side)
+        return decode_photo(source, min_side=self.decode_side, max_pixels=max_pixels)
+
+    def explain_decoded(self, photos: Sequence[tuple[np.ndarray, tuple[int, int]]], top_k: int = 5,
+                        source: str = "<bytes>") -> list[Explanation]:  # fmt: skip
+        """`explain` of photos that `decode` already decoded (pixels, the photo's own size), in one batch: for
+        callers that decode elsewhere, such as the server's thread pool."""
+        items = [(source, pixels, size) for pixels, size in photos]
+        return [
+            e for images, output in self._run(items, max(1, len(items))) for e in self._explain(images, output, top_k)
+        ]
 
     def preprocess(self, images: Sequence[np.ndarray]) -> Tensor:
         """Decoded RGB photos -> the network's input (B, 3, S, S): the checkpoint's eval resize, crop and norm.

@@ -319,3 +319,13 @@ def test_the_onnxruntime_backend_serves_the_same_species_without_maps(checkpoint
     for name, box in eager.boxes.items():
         np.testing.assert_allclose(body["boxes"][name], box, atol=1e-2)
     assert body["attention_maps"] == {}
+
+
+def test_a_large_photo_is_decoded_as_the_predictor_decodes_it(client, predictor):
+    large = jpeg(photo(640, 480, seed=9))  # decoded at 1/4 of its side for the 73 px eval resize
+    body = client.post("/predict", content=large, headers={"content-type": "image/jpeg"}).json()
+    explanation = predictor.explain(large)
+    assert explanation.image_scale < 1 and body["image"] == {"width": 640, "height": 480}
+    assert same_predictions(body["predictions"], explanation.predictions)
+    for name, box in explanation.boxes.items():
+        np.testing.assert_allclose(body["boxes"][name], box, atol=1e-3)

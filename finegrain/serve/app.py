@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from finegrain.data.images import ImageDecodeError, load_rgb
+from finegrain.data.images import ImageDecodeError
 from finegrain.explain import Explanation
 from finegrain.predict import Predictor
 from finegrain.serve.batching import MicroBatcher
@@ -95,11 +95,10 @@ class ModelInfo(BaseModel):
 def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     """The app: `/` the page, `POST /predict`, `GET /health`, `GET /model`, `/docs` and `/openapi.json`."""
 
-    def run_batch(items: list[tuple[np.ndarray, int]]) -> list[Explanation]:
-        top_k = max(k for _, k in items)
-        return predictor.explain([photo for photo, _ in items], top_k=top_k, batch_size=len(items))
+    def run_batch(items: list[tuple[tuple[np.ndarray, tuple[int, int]], int]]) -> list[Explanation]:
+        return predictor.explain_decoded([photo for photo, _ in items], top_k=max(k for _, k in items))
 
-    batcher: MicroBatcher[tuple[np.ndarray, int], Explanation] = MicroBatcher(
+    batcher: MicroBatcher[tuple[tuple[np.ndarray, tuple[int, int]], int], Explanation] = MicroBatcher(
         run_batch, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000
     )
 
@@ -166,7 +165,8 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             raise HTTPException(e.status, str(e)) from e
         name = upload.filename or "the upload"
         try:
-            photo = await run_in_threadpool(load_rgb, upload.data, max_pixels=settings.max_pixels)
+            # the Predictor's own decode: a large JPEG decodes at the size the network needs, as predict() does
+            photo = await run_in_threadpool(predictor.decode, upload.data, settings.max_pixels)
         except ImageDecodeError as e:
             raise HTTPException(decode_status(e.problem), f"{name}: {e.problem}; {decode_fix(e.problem)}") from e
         explanation = await batcher.submit((photo, top_k))
