@@ -76,8 +76,6 @@ def serve_model(args: argparse.Namespace) -> int:
     from finegrain.serve.app import ServeSettings
     from finegrain.serve.server import serve
 
-    if args.max_upload_mb <= 0:
-        raise FinegrainError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
     settings = ServeSettings(checkpoint=str(args.checkpoint), device=args.device, backend=args.backend,
                              max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_upload_bytes=round(args.max_upload_mb * 2**20),

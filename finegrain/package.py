@@ -116,13 +116,13 @@ class OnnxRuntimeNetwork(nn.Module):
 
     branch_names: tuple[str, ...] = ()
 
-    def __init__(self, path: Path, input_name: str, output_names: list[str], threads: int | None = None):
+    def __init__(self, path: Path, input_name: str, output_names: list[str]):
         super().__init__()
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         # the same thread count as torch, so that the backends compare like for like
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -54,7 +54,8 @@ class Predictor:
 
         device: "auto" (CUDA when available, else CPU) or a torch device ("cpu", "cuda:1", ...).
         backend: "torch" (eager PyTorch), or "onnxruntime": the ONNX graph of a folder exported with `--onnx`, on
-            the CPU; the same logits and boxes (to about 1e-5), no attention maps.
+            the CPU; the same top-1 and boxes, logits within 1e-4 on most networks (an RA-CNN's fused head: up to
+            8e-4, docs/benchmarks.md), no attention maps.
         """
         if backend == "onnxruntime":
             if device not in ("auto", "cpu"):
@@ -106,7 +107,7 @@ class Predictor:
 
     @property
     def decode_side(self) -> int:
-        """The shorter side a photo needs for the eval resize: JPEGs decode no larger than that (and no smaller).
+        """The shorter side a photo needs for the eval resize: a large photo is decoded or reduced to no less.
 
         Every network crops its zooms and parts from this input, never from the photo itself, so the input's
         resolution is also the largest any branch asks for.

@@ -77,3 +77,11 @@ def test_the_dataset_is_read_on_first_use_not_when_the_module_is_built(synth_roo
     assert module.metadata is module.metadata  # read once
     with pytest.raises(FinegrainError, match="data.batch_size must be 1 or more"):  # settings: still checked at once
         CUBDataModule(root=str(tmp_path / "nowhere"), batch_size=0)
+
+
+@pytest.mark.parametrize("options", [{"box_context": 0.15}, {"box_square": True}])
+def test_box_shaping_without_use_boxes_is_refused(options):
+    with pytest.raises(FinegrainError, match="set data.use_boxes true as well"):
+        CUBDataModule(root="anywhere", **options)
+    with pytest.raises(FinegrainError, match="box_context must be 0 or more"):
+        CUBDataModule(root="anywhere", use_boxes=True, box_context=-0.1)

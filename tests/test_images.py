@@ -231,27 +231,29 @@ def test_truncated_jpeg(tmp_path):
     with pytest.raises(ImageDecodeError) as info:
         load_rgb(path)
     assert info.value.problem == "truncated" and str(info.value).startswith(f"{path}: truncated; ")
+    assert info.value.kind == "unreadable"
     assert isinstance(info.value, FinegrainError)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert image_size(path) == (64, 48)  # the header is intact, and image_size reads nothing else
 
 
 @pytest.mark.parametrize(
-    ("make", "problem"),
+    ("make", "problem", "kind"),
     [
-        (lambda p: p.write_text("not a photo\n"), "not an image"),
-        (lambda p: p.write_bytes(b""), "empty file"),
-        (lambda p: None, "no such file"),
-        (lambda p: p.mkdir(), "cannot read (Is a directory)"),
+        (lambda p: p.write_text("not a photo\n"), "not an image", "not_image"),
+        (lambda p: p.write_bytes(b""), "empty file", "unreadable"),
+        (lambda p: None, "no such file", "unreadable"),
+        (lambda p: p.mkdir(), "cannot read (Is a directory)", "unreadable"),
     ],
 )
-def test_unreadable_files_name_the_path(tmp_path, make, problem):
+def test_unreadable_files_name_the_path(tmp_path, make, problem, kind):
     path = tmp_path / "bird.jpg"
     make(path)
     assert check_image(path) == problem
     with pytest.raises(ImageDecodeError) as info:
         load_rgb(path)
     assert info.value.problem == problem and str(info.value).startswith(f"{path}: {problem}; ")
+    assert info.value.kind == kind
     with pytest.raises(ImageDecodeError) as info:
         image_size(path)
     assert info.value.problem == problem
@@ -263,7 +265,7 @@ def test_decompression_bomb_checked_from_header(tmp_path):
     limit_before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageDecodeError, match="pass a larger max_pixels") as info:
         load_rgb(path, max_pixels=199)
-    assert info.value.problem == "decompression bomb (200 pixels > limit 199)"
+    assert info.value.problem == "decompression bomb (200 pixels > limit 199)" and info.value.kind == "too_large"
     assert load_rgb(path, max_pixels=200).shape == (10, 20, 3)
     assert load_rgb(path, max_pixels=None).shape == (10, 20, 3)
     assert check_image(path, max_pixels=100) == "decompression bomb (200 pixels > limit 100)"

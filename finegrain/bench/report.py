@@ -139,9 +139,7 @@ def _speed_tables(report: dict) -> list[str]:
                            f"{fig['reference']['images_per_s']:.1f}"],
                           ["ratio", f"×{fig['ratio']:.2f}"]]), ""]  # fmt: skip
     predictor = report.get("predictor")
-    if predictor and "skipped" in predictor:
-        lines += [f"Predictor: skipped ({predictor['skipped']}).", ""]
-    elif predictor:
+    if predictor:
         rows = [[str(n), f"{predictor[f'b{n}']['finegrain']['images_per_s']:.1f}",
                  f"{predictor[f'b{n}']['reference']['images_per_s']:.1f}", f"×{predictor[f'b{n}']['ratio']:.2f}"]
                 for n in (1, 32)]  # fmt: skip

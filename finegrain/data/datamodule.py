@@ -131,6 +131,9 @@ class CUBDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         if box_context < 0:
             raise FinegrainError(f"data.box_context must be 0 or more (a fraction of the box), got {box_context}")
+        if (box_context or box_square) and not use_boxes:
+            raise FinegrainError("data.box_context and data.box_square shape the bird-box crop: set "
+                                 "data.use_boxes true as well, or leave them out")  # fmt: skip
         # None: whole images
         self.region: Callable | None = (functools.partial(crop_to_box, context=box_context, square=box_square)
                                         if use_boxes else None)  # fmt: skip

@@ -50,12 +50,17 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
 
 
 class ImageDecodeError(FinegrainError):
-    """An image that cannot be turned into RGB pixels; ``problem`` is the one-line reason."""
+    """An image that cannot be turned into RGB pixels; ``problem`` is the one-line reason.
 
-    def __init__(self, source: str, problem: str, fix: str) -> None:
+    ``kind`` sorts the problems for callers that answer differently (the server's HTTP status): "too_large"
+    (over a pixel limit, or a strip no resize can take), "not_image" (no format recognised), else "unreadable".
+    """
+
+    def __init__(self, source: str, problem: str, fix: str, kind: str = "unreadable") -> None:
         super().__init__(f"{source}: {problem}; {fix}")
         self.source = source
         self.problem = problem
+        self.kind = kind
 
 
 def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, *,
@@ -181,13 +186,13 @@ def _check_shape(size: tuple[int, int], max_pixels: int | None, name: str) -> No
     pixels = size[0] * size[1]
     if max_pixels is not None and pixels > max_pixels:
         raise ImageDecodeError(name, f"decompression bomb ({pixels:,} pixels > limit {max_pixels:,})",
-                               "pass a larger max_pixels if you trust this file")  # fmt: skip
+                               "pass a larger max_pixels if you trust this file", "too_large")  # fmt: skip
     longer, shorter = max(size), min(size)
     if shorter < 1 or longer / shorter > MAX_ASPECT_RATIO:
         raise ImageDecodeError(name, f"{size[0]}x{size[1]} pixels is no photograph (a side over "
                                      f"{MAX_ASPECT_RATIO:g} times the other: resizing it would need "
                                      f"{longer / max(shorter, 1) * 3 * 256**2:,.0f} bytes or more)",
-                               "crop it to the bird")  # fmt: skip
+                               "crop it to the bird", "too_large")  # fmt: skip
 
 
 @contextmanager
@@ -199,24 +204,25 @@ def _translated(name: str, fp: Path | io.BytesIO | None = None) -> Iterator[None
         raise ImageDecodeError(name, *_diagnose(e, fp)) from e
 
 
-def _diagnose(error: Exception, fp: Path | io.BytesIO | None) -> tuple[str, str]:
-    """(problem, fix) for an error of the OS or PIL."""
+def _diagnose(error: Exception, fp: Path | io.BytesIO | None) -> tuple[str, str, str]:
+    """(problem, fix, kind) for an error of the OS or PIL."""
     message = str(error)
     if isinstance(error, FileNotFoundError):
-        return "no such file", "check the path or the dataset folder"
+        return "no such file", "check the path or the dataset folder", "unreadable"
     if isinstance(error, UnidentifiedImageError):
-        empty = fp is not None and _is_empty(fp)
-        return "empty file" if empty else "not an image", "replace it with a JPEG or PNG photo, or remove it"
+        if fp is not None and _is_empty(fp):
+            return "empty file", "replace it with a JPEG or PNG photo, or remove it", "unreadable"
+        return "not an image", "replace it with a JPEG or PNG photo, or remove it", "not_image"
     if isinstance(error, Image.DecompressionBombError):
         return (f"decompression bomb (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels)",
-                "raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file")  # fmt: skip
+                "raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file", "too_large")  # fmt: skip
     if "truncated" in message.lower():
-        return "truncated", "the data ends early; download or export it again"
+        return "truncated", "the data ends early; download or export it again", "unreadable"
     if isinstance(error, ValueError) and "conversion" in message:
-        return f"unsupported image mode ({message})", "save it as RGB"
+        return f"unsupported image mode ({message})", "save it as RGB", "unreadable"
     if isinstance(error, OSError) and error.strerror:  # the OS could not read it (permissions, a folder)
-        return f"cannot read ({error.strerror})", "check the path and its permissions"
-    return f"corrupt image data ({message})", "download or export it again"
+        return f"cannot read ({error.strerror})", "check the path and its permissions", "unreadable"
+    return f"corrupt image data ({message})", "download or export it again", "unreadable"
 
 
 def _is_empty(fp: Path | io.BytesIO) -> bool:

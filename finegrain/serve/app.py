@@ -37,6 +37,10 @@ SETTINGS_VARIABLE = "FINEGRAIN_SERVE_SETTINGS"
 STATIC = resources.files("finegrain.serve") / "static"
 PREVIEW_SIDE = 1024  # longest side of the preview the page shows; the boxes are in the photo's own pixels
 MAX_TOP_K = 1000
+# ImageDecodeError.kind -> the HTTP status and the fix a client is told
+DECODE_ANSWERS = {"too_large": (413, "send a photo within the server's pixel limit"),
+                  "not_image": (415, "send a JPEG, PNG, WebP or HEIC photo"),
+                  "unreadable": (400, "export or download the photo again")}  # fmt: skip
 PREVIEW_HELP = "add the upright photo as a JPEG data URL (what the page draws the boxes on)"
 
 
@@ -110,8 +114,6 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="finegrain", summary="Bird species from a photo, and where the model looked.",
                   lifespan=lifespan)  # fmt: skip
-    app.state.batcher = batcher
-    app.state.predictor = predictor
     model_info = ModelInfo(
         method=predictor.config.method,
         backend=settings.backend,
@@ -168,7 +170,8 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             # the Predictor's own decode: a large JPEG decodes at the size the network needs, as predict() does
             photo = await run_in_threadpool(predictor.decode, upload.data, settings.max_pixels)
         except ImageDecodeError as e:
-            raise HTTPException(decode_status(e.problem), f"{name}: {e.problem}; {decode_fix(e.problem)}") from e
+            status, fix = DECODE_ANSWERS[e.kind]
+            raise HTTPException(status, f"{name}: {e.problem}; {fix}") from e
         explanation = await batcher.submit((photo, top_k))
         return await run_in_threadpool(response_body, explanation, top_k, preview)
 
@@ -221,28 +224,11 @@ def preview_url(photo: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_status(problem: str) -> int:
-    if problem.startswith("decompression bomb") or "is no photograph" in problem:
-        return 413
-    if problem == "not an image":
-        return 415
-    return 400  # empty, truncated, corrupt, unsupported mode
-
-
-def decode_fix(problem: str) -> str:
-    if problem.startswith("decompression bomb") or "is no photograph" in problem:
-        return "send a photo of at most the server's pixel limit"
-    if problem == "not an image":
-        return "send a JPEG, PNG, WebP or HEIC photo"
-    return "export or download the photo again"
-
-
 def checkpoint_id(path: Path) -> str:
-    """A short content hash: which weights answer, whatever the file is called (a package: its config+weights)."""
+    """A short content hash: which weights answer, whatever the file is called (a package: each of its files)."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
+    digests = []
     for file in files:
         with file.open("rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:12]
+            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:12]

@@ -26,6 +26,10 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
         raise FinegrainError(f"--max-batch-size must be a positive integer, got {settings.max_batch_size}")
     if settings.max_upload_bytes < 1:
         raise FinegrainError("--max-upload-mb must be positive")
+    if settings.max_pixels < 1:
+        raise FinegrainError("--max-megapixels must be positive")
+    if settings.max_wait_ms < 0:
+        raise FinegrainError(f"--max-wait-ms must be 0 or more, got {settings.max_wait_ms:g}")
     check_port_free(host, port)
     if workers == 1:
         app = create_app(load_predictor(settings), settings)
