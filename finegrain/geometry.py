@@ -194,6 +194,36 @@ def boxes_contain(boxes: Tensor, points: Tensor) -> Tensor:
     return ((points >= boxes[..., :2]) & (points <= boxes[..., 2:])).all(dim=-1)
 
 
+def mask_box(mask: Tensor) -> Tensor:
+    """(B, h, w) bool masks on a grid of cells -> (B, 4) normalised xyxy boxes around each mask's cells (cell
+    edges, so one cell (i, j) is (j / w, i / h, (j + 1) / w, (i + 1) / h)); an empty mask gives the whole image."""
+    _, height, width = mask.shape
+
+    def span(hit: Tensor, cells: int) -> tuple[Tensor, Tensor]:
+        index = torch.arange(cells, device=mask.device)
+        first = torch.where(hit, index, cells).amin(1)
+        last = torch.where(hit, index, -1).amax(1)
+        return first.float() / cells, (last + 1).float() / cells
+
+    (y1, y2), (x1, x2) = span(mask.any(2), height), span(mask.any(1), width)
+    boxes = torch.stack((x1, y1, x2, y2), dim=-1)
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=mask.device)
+    return torch.where(mask.flatten(1).any(1, keepdim=True), boxes, whole)
+
+
+def square_box(boxes: Tensor, min_side: float = 0.0, aspect: float = 1.0) -> Tensor:
+    """(..., 4) normalised xyxy boxes of an image of width / height `aspect` -> the squares (in pixels) around
+    them: side the box's longer pixel side, at least `min_side` and at most the image's shorter side (both as
+    fractions of it), centred on the box and shifted to lie inside the image."""
+    short = min(aspect, 1.0)  # the shorter side in units of the image height
+    width, height = box_extents(boxes).unbind(-1)
+    side = torch.maximum(torch.maximum(width * aspect, height), torch.full_like(height, min_side * short))
+    side = side.clamp(max=short)
+    half = torch.stack((side / aspect, side), dim=-1) / 2
+    centre = box_centres(boxes).clamp(min=half, max=1 - half)
+    return torch.cat((centre - half, centre + half), dim=-1)
+
+
 # ---- Pixel boxes of photographs and their annotations (numpy) ----
 
 

@@ -130,7 +130,7 @@ function tiles(image, body) {
   if (maps.length) {
     const grid = element("div", { class: "tiles" });
     for (const [name, map] of maps) grid.append(tile(image, body, name, map.region, "#555", map));
-    sections.push(element("h3", { text: "Attention maps (CBAM)" }), grid);
+    sections.push(element("h3", { text: "Attention and activation maps" }), grid);
   }
   return sections;
 }
