@@ -19,12 +19,12 @@ DEMO_PHOTOS = $$(awk 'NR == FNR { test[$$1] = $$2 == 0; next } test[$$1] { speci
 
 demo: $(STAMP)
 	$(BIN)/finegrain fit --config demo --overwrite true
-	$(BIN)/finegrain test --config demo --ckpt_path checkpoints/demo/best.ckpt
-	$(BIN)/finegrain predict $(DEMO_PHOTOS) --checkpoint checkpoints/demo/best.ckpt --top-k 3 \
+	$(BIN)/finegrain test --config demo --ckpt_path checkpoints/demo/last.ckpt
+	$(BIN)/finegrain predict $(DEMO_PHOTOS) --checkpoint checkpoints/demo/last.ckpt --top-k 3 \
 		--save-viz checkpoints/demo/viz
 	@echo
 	@echo "See the demo model in a browser (then open http://127.0.0.1:8000/):"
-	@echo "    $(BIN)/finegrain serve --checkpoint checkpoints/demo/best.ckpt"
+	@echo "    $(BIN)/finegrain serve --checkpoint checkpoints/demo/last.ckpt"
 
 test: $(STAMP)
 	$(BIN)/ruff check finegrain tests

@@ -33,13 +33,13 @@ fi
 DATA=data/synthbirds_${PER_CLASS}
 stamp synth; fg data synth $DATA --classes 10 --per-class $PER_CLASS --seed 0 | tail -1
 # Long runs in the background (not timed): ST-CNN recipe (autograd; finite differences) and the whole-image
-# baseline, same data, same epochs; each fit stopped after FIT_S s (SIGTERM saves; best.ckpt is tested).
+# baseline, same data, same epochs; each fit stopped after FIT_S s (SIGTERM saves; last.ckpt, the final model, is tested).
 COMMON="--data.root $DATA --data.synthesize \"{num_classes: 10, per_class: $PER_CLASS, seed: 0}\" --data.img_size 320 --trainer.max_epochs $EPOCHS --trainer.accelerator $ACCEL --trainer.logger true --data.num_workers $W"
 [ "$ACCEL" = gpu ] && COMMON="$COMMON --trainer.precision bf16-mixed"
 FD="--model.method_args \"{num_parts: 2, part_size: 160, loc_size: 160, min_scale: 0.2, max_scale: 0.5, box_gradient: finite-difference}\""
 long() {  # name config extra-args
   ( eval "timeout $FIT_S $FG fit --config $2 --run_name $1 $COMMON $3" > /tmp/fglogs/$1.log 2>&1
-    eval "$FG test --config $2 --run_name $1 $COMMON $3 --ckpt_path checkpoints/$1/best.ckpt" >> /tmp/fglogs/$1.log 2>&1 ) &
+    eval "$FG test --config $2 --run_name $1 $COMMON $3 --ckpt_path checkpoints/$1/last.ckpt" >> /tmp/fglogs/$1.log 2>&1 ) &
 }
 stamp long runs start; mkdir -p /tmp/fglogs
 long gpu_stn configs/stn_synth.yaml ""; P1=$!
@@ -59,9 +59,9 @@ for m in baseline cbam racnn stn; do
   done
 done
 stamp "test + predict (stn bf16)"
-fg test --config configs/bench/stn.yaml --run_name chk_stn_bf16-mixed $SHORT --trainer.precision bf16-mixed --ckpt_path checkpoints/chk_stn_bf16-mixed/best.ckpt 2>&1 | grep -E "test/top1|test/loc/part./centre_in_bird|rror" | head -10
+fg test --config configs/bench/stn.yaml --run_name chk_stn_bf16-mixed $SHORT --trainer.precision bf16-mixed --ckpt_path checkpoints/chk_stn_bf16-mixed/last.ckpt 2>&1 | grep -E "test/top1|test/loc/part./centre_in_bird|rror" | head -10
 DEV=cuda; [ "$ACCEL" = cpu ] && DEV=cpu
-fg predict data/synthbirds_large/images/001*/*_0001.jpg --checkpoint checkpoints/chk_stn_bf16-mixed/best.ckpt --device $DEV --top-k 2 --save-viz $OUT/viz 2>&1 | tail -4
+fg predict data/synthbirds_large/images/001*/*_0001.jpg --checkpoint checkpoints/chk_stn_bf16-mixed/last.ckpt --device $DEV --top-k 2 --save-viz $OUT/viz 2>&1 | tail -4
 stamp waiting for long runs; wait $P1 $P2 $P3; stamp long runs done
 for r in gpu_stn gpu_stn_fd gpu_base; do
   echo "--- $r"; grep -E "Epoch [0-9]+:.*100%" /tmp/fglogs/$r.log | tail -1 | tr '\r' '\n' | tail -1 | cut -c1-300

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FIX = "pass a .ckpt written by `finegrain fit` (checkpoints/<run_name>/best.ckpt) or a folder written by " \
+CHECKPOINT_FIX = "pass a .ckpt written by `finegrain fit` (checkpoints/<run_name>/last.ckpt) or a folder written by " \
                  "`finegrain export`"  # fmt: skip
 
 
@@ -54,7 +54,7 @@ def load_checkpoint(path: str | Path) -> dict:
         if is_zip:
             raise FinegrainError(
                 f"{path} is truncated or corrupt ({type(e).__name__}); copy it again, or use the other checkpoint "
-                "`finegrain fit` kept for the run (best.ckpt / last.ckpt)"
+                "`finegrain fit` kept for the run (last.ckpt, or best.ckpt where it wrote one)"
             ) from e
         raise FinegrainError(f"{path} is not a PyTorch checkpoint; {CHECKPOINT_FIX}") from e
     if not isinstance(checkpoint, dict):

@@ -16,7 +16,14 @@ from pathlib import Path
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from finegrain.callbacks import AtomicCheckpointIO, SaveFullConfig, choose_loggers, configure_wandb, run_callbacks
+from finegrain.callbacks import (
+    AtomicCheckpointIO,
+    BestNeedsValidation,
+    SaveFullConfig,
+    choose_loggers,
+    configure_wandb,
+    run_callbacks,
+)
 from finegrain.checkpoints import check_checkpoint_fits, load_checkpoint, prepare_run_dir
 from finegrain.data.datamodule import CUBDataModule
 from finegrain.errors import FinegrainError
@@ -27,6 +34,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIGS / "base.yaml"
 CHECKPOINT_ROOT = Path("checkpoints")
 DEFAULT_TASK = "finegrain.tasks.classification.ClassificationTask"
+BEST_MIN_VAL_IMAGES = 1000  # fewer validation images cannot rank epochs: see callbacks.BestNeedsValidation
 # model keys of recipes written before the network was given by class_path, and where they went
 MOVED_MODEL_KEYS = ("method", "method_args", "backbone", "weights", "attention", "attention_stages", "drop_rate")
 
@@ -86,6 +94,9 @@ class FinegrainCLI(LightningCLI):
         parser.add_argument("--run_name", default="run", help="checkpoints and logs go to checkpoints/<run_name>/")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: replace the checkpoints of an earlier run of this run_name")  # fmt: skip
+        parser.add_argument("--best_min_val_images", type=int, default=BEST_MIN_VAL_IMAGES,
+                            help="fit: write best.ckpt (best val/top1) only with at least this many validation "
+                                 "images; with fewer, last.ckpt (the final model) is the one to use")  # fmt: skip
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/top1",
@@ -146,8 +157,9 @@ class FinegrainCLI(LightningCLI):
         recipe_callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
         # the learning-rate monitor needs a logger to write to: none with `--trainer.logger false`
         monitor = [LearningRateMonitor(logging_interval="epoch")] if kwargs["logger"] else []
+        ranking = [BestNeedsValidation(config.best_min_val_images)] if checkpointing else []
         kwargs["callbacks"] = [*filter(None, recipe_callbacks), *([latest] if checkpointing else []), *monitor,
-                               *run_callbacks(folder, checkpointing)]  # fmt: skip
+                               *ranking, *run_callbacks(folder, checkpointing)]  # fmt: skip
         plugins = trainer.plugins if isinstance(trainer.plugins, list) else [trainer.plugins]
         kwargs["plugins"] = [*filter(None, plugins), AtomicCheckpointIO()]
         # the `checkpoint` section's best.ckpt, unless `--trainer.enable_checkpointing false` says no checkpoints
@@ -214,15 +226,17 @@ def run_training(args: list[str]) -> None:
 
 
 def fit_and_test(args: list[str]) -> dict:
-    """Train a recipe (`args` as `finegrain fit` takes them, without the subcommand), then test its best checkpoint
-    (the last one without validation); the test metrics, the best validation top-1 and the times."""
+    """Train a recipe (`args` as `finegrain fit` takes them, without the subcommand), then test the checkpoint the
+    product recommends (best.ckpt where the validation share could rank epochs, else last.ckpt); the test
+    metrics, the best validation top-1 (None without best.ckpt) and the times."""
     try:
         cli = build_cli([*args, "--overwrite", "true"], run=False)
         started = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         fit_seconds = time.perf_counter() - started
-        best = cli.trainer.checkpoint_callback
-        checkpoint = Path(best.best_model_path) if best and best.best_model_path else None
+        ranked = [c for c in cli.trainer.checkpoint_callbacks if c.monitor is not None and c.best_model_path]
+        best = ranked[0] if ranked else None
+        checkpoint = Path(best.best_model_path) if best else None
         best_val = float(best.best_model_score) if best and best.best_model_score is not None else None
         if checkpoint is None or not checkpoint.is_file():
             checkpoint = Path(run_dir(cli.config.run_name)) / "last.ckpt"

@@ -119,7 +119,7 @@ def test_ddp_two_processes_sync_gradients_and_write_one_set_of_checkpoints(metho
     moved = [not torch.equal(ranks[0]["initial"][name], value) for name, value in ranks[0]["parameters"].items()]
     assert sum(moved) > len(moved) / 2
     run = tmp_path / "checkpoints" / "tiny"
-    assert sorted(p.name for p in run.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt"]  # 8 validation images rank nothing
     assert [p.name for p in (run / "logs").iterdir()] == ["version_0"]
     assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / "lightning_logs").exists()
     checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)

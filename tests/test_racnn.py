@@ -326,7 +326,7 @@ def test_fit_runs_every_phase_from_the_synthetic_recipe(synth_root, tmp_path, mo
     assert network["class_path"] == "finegrain.models.RACNN" and checkpoint["global_step"] == 4
     assert {k: network["init_args"][k] for k in ("backbone", "zoom_size", "apn_grid", "num_classes")} == {
         "backbone": "test_resnet", "zoom_size": 32, "apn_grid": 2, "num_classes": 4}  # fmt: skip
-    assert main(["test", *args[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
+    assert main(["test", *args[1:], "--ckpt_path", str(run / "last.ckpt")]) == 0
     assert "test/scale2/top1" in last_metrics(run)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finegrain.cli import main
-from finegrain.training import CONFIGS
+from finegrain.training import CONFIGS, fit_and_test
 from tests.conftest import CUB_ROOT, needs_cub
 
 
@@ -40,8 +40,9 @@ def last_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def test_fit_writes_best_and_last_then_resumes(synth_root, tmp_path, monkeypatch):
+    """With a validation share allowed to rank epochs (here any), best.ckpt beside last.ckpt."""
     monkeypatch.chdir(tmp_path)
-    assert main(fit_args(synth_root)) == 0
+    assert main(fit_args(synth_root, "--best_min_val_images", "1")) == 0
     run = tmp_path / "checkpoints" / "t"
     assert (run / "best.ckpt").is_file() and (run / "last.ckpt").is_file()
     assert next(run.glob("logs/version_0/config.yaml")).is_file()
@@ -61,6 +62,18 @@ def test_fit_writes_best_and_last_then_resumes(synth_root, tmp_path, monkeypatch
     assert resumed["epoch"] == 2 and resumed["global_step"] > checkpoint["global_step"]
 
     assert main(["test", *fit_args(synth_root)[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
+
+
+def test_a_validation_share_too_small_to_rank_epochs_writes_no_best(synth_root, tmp_path, monkeypatch, caplog):
+    """8 validation images (below the default 1000): the final model is the checkpoint, said in one line."""
+    monkeypatch.chdir(tmp_path)
+    assert main(fit_args(synth_root, "--trainer.logger", "false", epochs=1)) == 0
+    run = tmp_path / "checkpoints" / "t"
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["last.ckpt"]
+    assert ("validation share of 8 images is too small to rank epochs (best_min_val_images: 1000): no best.ckpt; "
+            "use last.ckpt, the final model") in caplog.text  # fmt: skip
+    outcome = fit_and_test(fit_args(synth_root, "--trainer.logger", "false", epochs=1)[1:])
+    assert outcome["checkpoint"] == "last.ckpt" and outcome["best_val_top1"] is None
 
 
 def test_missing_images_stop_training_before_the_first_step(synth_root, tmp_path, monkeypatch, capsys):
@@ -99,7 +112,7 @@ def test_embedded_lite0_learns_synthetic_birds_from_their_boxes(tmp_path, monkey
                     epochs=8)  # fmt: skip
     assert main(args) == 0
     run = tmp_path / "checkpoints" / "t"
-    assert main(["test", *args[1:], "--ckpt_path", str(run / "best.ckpt")]) == 0
+    assert main(["test", *args[1:], "--ckpt_path", str(run / "last.ckpt")]) == 0
     # 60 test images: chance is 0.33 +- 0.06; runs on 1 and 2 threads gave 0.55-0.67
     assert last_metrics(run)["test/top1"] >= 0.5
 
@@ -135,7 +148,7 @@ def test_fit_refuses_to_replace_a_run_unless_told(synth_root, tmp_path, monkeypa
     assert main(fit_args(synth_root, epochs=1)) == 2
     err = capsys.readouterr().err
     assert (
-        "finegrain: error: run 't' already has best.ckpt and last.ckpt in checkpoints/t: resume it with "
+        "finegrain: error: run 't' already has last.ckpt in checkpoints/t: resume it with "
         "--ckpt_path last, start another with --run_name NAME, or replace it with --overwrite true"
     ) in err
     assert run_files(run) == before  # nothing written, not even W&B's run id or a log folder
@@ -158,8 +171,8 @@ def test_resuming_with_settings_that_do_not_fit_is_refused_before_anything_is_wr
     assert "model.network's backbone was 'test_resnet', now 'test_efficientnet'" in capsys.readouterr().err
     assert run_files(run) == before
     test_args = ["test", *fit_args(synth_root, "--data.classes", "2-4")[1:]]
-    assert main([*test_args, "--ckpt_path", str(run / "best.ckpt")]) == 2
-    assert "best.ckpt does not fit these settings: it was trained on 4 classes" in capsys.readouterr().err
+    assert main([*test_args, "--ckpt_path", str(run / "last.ckpt")]) == 2
+    assert "last.ckpt does not fit these settings: it was trained on 4 classes" in capsys.readouterr().err
 
 
 def test_checkpoints_that_cannot_be_loaded_safely_get_one_line(synth_root, tmp_path, monkeypatch, capsys):

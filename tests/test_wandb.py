@@ -96,7 +96,7 @@ def test_logger_false_or_csv_still_work(synth_root, tmp_path, monkeypatch):
     config = write_config(tmp_path, tiny_config(synth_root, trainer={"logger": WANDB_LOGGER}))
     assert main(["fit", "--config", str(config), "--trainer.logger", "false"]) == 0  # no logger for the lr monitor
     run = tmp_path / "checkpoints" / "tiny"
-    assert (run / "best.ckpt").exists() and (run / "config.yaml").exists() and not (tmp_path / "config.yaml").exists()
+    assert (run / "last.ckpt").exists() and (run / "config.yaml").exists() and not (tmp_path / "config.yaml").exists()
     assert not (run / "logs").exists() and not (run / "wandb").exists()
     assert main(["validate", "--config", str(config), "--trainer.logger", "true"]) == 0
     assert list(run.glob("logs/version_0/metrics.csv")) and not (run / "wandb").exists()
