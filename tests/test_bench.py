@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from finegrain.bench.accuracy import Budget, summarize
+from finegrain.bench.accuracy import Budget, seed_means, summarize
 from finegrain.bench.plots import plot_reports
 from finegrain.bench.recipes import BENCH_CONFIGS, BENCH_SETUP, build_task, load_recipe, merge, read_yaml
 from finegrain.bench.report import command_line, render_markdown
@@ -125,18 +125,20 @@ def test_accuracy_trains_and_tests_each_recipe_under_one_budget(synth_root, tmp_
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "accuracy.json"
     args = ["bench", "accuracy", "stn", "racnn", "--quick", "--data", str(synth_root), "--epochs", "1",
-            "--img-size", "64", "--seed", "3", "--set", "model.network.init_args.backbone=test_resnet",
+            "--img-size", "64", "--seeds", "3", "4", "--set", "model.network.init_args.backbone=test_resnet",
             "--set", "model.network.init_args.weights=none",
             "--set", "data.num_workers=0", "--set", "data.batch_size=8", "--set", "data.val_fraction=0.25",
             "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     report = json.loads(out.read_text())
-    assert report["kind"] == "accuracy" and report["budget"]["epochs"] == 1 and report["budget"]["seed"] == 3
-    results = {r["name"]: r for r in report["results"]}
-    assert set(results) == ({"stn", "racnn"} if HAS_RACNN else {"stn"})
+    assert report["kind"] == "accuracy" and report["budget"]["epochs"] == 1 and report["budget"]["seeds"] == [3, 4]
+    names = ["stn", "racnn"] if HAS_RACNN else ["stn"]
+    assert [(r["name"], r["seed"]) for r in report["results"]] == [(n, s) for n in names for s in (3, 4)]
+    results = {r["name"]: r for r in report["results"] if r["seed"] == 3}
     for name, result in results.items():
-        run = tmp_path / "checkpoints" / f"bench_{name}"
-        assert (run / "last.ckpt").is_file() and result["run"] == str(Path("checkpoints") / f"bench_{name}")
+        run = tmp_path / "checkpoints" / f"bench_{name}_s3"
+        assert (run / "last.ckpt").is_file() and result["run"] == str(Path("checkpoints") / f"bench_{name}_s3")
+        assert result["checkpoint"] == "last.ckpt"  # 12 validation images cannot rank epochs
         metrics = result["metrics"]
         assert 0 <= metrics["top1"] <= 1 and 0 <= metrics["mean_class"] <= 1 and result["fit_seconds"] > 0
         assert metrics["top1"] == result["logged"]["test/top1"]
@@ -148,7 +150,12 @@ def test_accuracy_trains_and_tests_each_recipe_under_one_budget(synth_root, tmp_
         assert set(results["racnn"]["metrics"]["branches"]) == {"scale1", "scale2", "scale3"}
     else:
         assert report["skipped"][0]["recipe"].endswith("racnn.yaml")
-    assert "| stn | stn |" in capsys.readouterr().out
+    means = {m["name"]: m for m in report["means"]}
+    stn_runs = [r["metrics"]["top1"] for r in report["results"] if r["name"] == "stn"]
+    assert means["stn"]["top1_per_seed"] == stn_runs and means["stn"]["top1"] == pytest.approx(sum(stn_runs) / 2)
+    assert means["stn"]["vs_baseline"] is None  # no baseline recipe ran
+    out = capsys.readouterr().out
+    assert "| stn | stn | 3 |" in out and "| stn | stn | 4 |" in out and "top-1 per seed" in out
 
 
 def test_summarize_reads_the_logged_test_metrics():
@@ -227,9 +234,31 @@ def test_markdown_shows_command_machine_date_and_the_figures():
 
     accuracy = render_markdown(accuracy_report())
     assert "The same budget for every recipe: quick.yaml's epochs, 128 px input, seed 0." in accuracy
-    row = ("| stn | stn | 50.0 % | part1 30.0 % | 45.6 % | 90.0 % | part1: centre in bird 80.0 % (20.0 %), "
+    row = ("| stn | stn | 0 | 50.0 % | part1 30.0 % | 45.6 % | 90.0 % | part1: centre in bird 80.0 % (20.0 %), "
            "left eye 70.0 % (12.5 %) | 62 |")  # fmt: skip
     assert row in accuracy
+
+
+def test_seed_means_against_the_baseline_hand_computed():
+    def run(name: str, method: str, seed: int, top1: float, whole: float | None = None) -> dict:
+        branches = {} if whole is None else {"whole": whole}
+        return {"name": name, "method": method, "seed": seed, "fit_seconds": 100.0 + seed, "checkpoint": "last.ckpt",
+                "metrics": {"top1": top1, "top5": None, "mean_class": top1, "branches": branches,
+                            "localization": {}}}  # fmt: skip
+
+    results = [run("lite0", "baseline", 0, 0.70), run("lite0", "baseline", 1, 0.74),
+               run("zoom", "objectzoom", 0, 0.75, 0.71), run("zoom", "objectzoom", 1, 0.78, 0.73)]  # fmt: skip
+    means = seed_means(results)
+    assert [m["name"] for m in means] == ["lite0", "zoom"]
+    assert means[0]["top1"] == pytest.approx(0.72) and means[0]["vs_baseline"] == pytest.approx(0.0)
+    assert means[1]["top1_per_seed"] == [0.75, 0.78] and means[1]["vs_baseline"] == pytest.approx(0.045)
+    assert means[1]["branches"] == {"whole": pytest.approx(0.72)} and means[1]["fit_seconds"] == 100.5
+    report = {**accuracy_report(), "results": results, "means": means}
+    report["budget"] = {**report["budget"], "seeds": [0, 1]}
+    text = render_markdown(report)
+    assert "seeds 0, 1. Test split, last.ckpt tested" in text
+    assert "| zoom | objectzoom | 75.0 %, 78.0 % | 76.5 % | +4.5 | whole 72.0 % | 76.5 % | 100 |" in text
+    assert "| lite0 | baseline | 1 | 74.0 % |" in text
 
 
 def test_markdown_and_plot_commands_read_the_json(tmp_path, capsys):
@@ -255,7 +284,7 @@ def test_user_mistakes_are_clear_errors(tmp_path, capsys):
     with pytest.raises(FinegrainError, match="has no model section"):
         load_recipe(no_model)
     with pytest.raises(FinegrainError, match="section.key=value"):
-        Budget(overrides=["data.num_workers"]).arguments()
+        Budget(overrides=["data.num_workers"]).arguments(0)
     assert main(["bench", "markdown", str(no_model)]) == 2
     assert "not JSON" in capsys.readouterr().err
     assert main(["bench", "speed", "baseline", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
@@ -263,9 +292,9 @@ def test_user_mistakes_are_clear_errors(tmp_path, capsys):
 
 
 def test_budget_arguments_and_the_reproducing_command():
-    budget = Budget(data="cub", classes="1-10", epochs=3, img_size=96, seed=1, quick=True,
+    budget = Budget(data="cub", classes="1-10", epochs=3, img_size=96, seeds=[1, 2], quick=True,
                     overrides=["data.num_workers=0"])  # fmt: skip
-    assert budget.arguments() == [
+    assert budget.arguments(1) == [
         "--config", str(BENCH_CONFIGS / "quick.yaml"), "--seed_everything", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.max_epochs", "3", "--data.img_size", "96", "--data.root", "cub", "--data.synthesize", "null",

@@ -51,7 +51,7 @@ def bench_accuracy(args: argparse.Namespace) -> int:
     from finegrain.bench.accuracy import Budget, run_accuracy
     from finegrain.bench.report import command_line
 
-    budget = Budget(data=args.data, classes=args.classes, epochs=args.epochs, img_size=args.img_size, seed=args.seed,
+    budget = Budget(data=args.data, classes=args.classes, epochs=args.epochs, img_size=args.img_size, seeds=args.seeds,
                     quick=args.quick, overrides=args.set or [])  # fmt: skip
     command = command_line("finegrain bench accuracy", args.recipes, _options(args, "recipes", "set"))
     command += "".join(f" --set {override}" for override in args.set or [])
@@ -115,7 +115,9 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--classes", help="official class ids of --data to use, e.g. 1-10")
     accuracy.add_argument("--epochs", type=int)
     accuracy.add_argument("--img-size", type=int)
-    accuracy.add_argument("--seed", type=int, default=0)
+    accuracy.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                          help="train every recipe once per seed; the report shows each and their mean "
+                               "(e.g. 0 1 2)")  # fmt: skip
     accuracy.add_argument("--quick", action="store_true", help="configs/bench/quick.yaml on top of each recipe: "
                           "the four methods on synthetic birds in under 15 minutes on 2 CPU cores")  # fmt: skip
     accuracy.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",

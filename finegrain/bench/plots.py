@@ -32,12 +32,15 @@ def _figure(panels: int):
 
 
 def plot_accuracy(report: dict, path: Path) -> None:
-    results = report["results"]
-    names = [r["name"] for r in results]
+    # one bar per recipe: the mean over seeds where several ran, else the one run
+    several = len({r.get("seed") for r in report["results"]}) > 1 and report.get("means")
+    rows = report["means"] if several else [{"name": r["name"], **r["metrics"]} for r in report["results"]]
+    names = [r["name"] for r in rows]
     figure, (axes,) = _figure(1)
-    percent = {"top-1": [100 * (r["metrics"]["top1"] or 0) for r in results],
-               "mean per-class": [100 * (r["metrics"]["mean_class"] or 0) for r in results]}  # fmt: skip
-    _bars(axes, names, percent, "test accuracy (%)", "Accuracy per method")
+    percent = {"top-1": [100 * (r["top1"] or 0) for r in rows],
+               "mean per-class": [100 * (r["mean_class"] or 0) for r in rows]}  # fmt: skip
+    title = "Accuracy per method" + (f" (mean of {len(report['budget']['seeds'])} seeds)" if several else "")
+    _bars(axes, names, percent, "test accuracy (%)", title)
     figure.savefig(path, dpi=120)
 
 

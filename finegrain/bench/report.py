@@ -197,10 +197,21 @@ def _accuracy_tables(report: dict) -> list[str]:
     budget = report["budget"]
     unset = "quick.yaml's" if budget["quick"] else "each recipe's"
     classes = f", classes {budget['classes']}" if budget["classes"] else ""
+    seeds = budget.get("seeds", [budget.get("seed", 0)])  # reports before 2026-12-02 ran one seed
+    checkpoints = sorted({r.get("checkpoint", "best.ckpt") for r in report["results"]})
     lines = [f"Data: {budget['data']}{classes}. The same budget for every recipe: {budget['epochs'] or unset} "
-             f"epochs, {budget['img_size'] or unset} px input, seed {budget['seed']}"
+             f"epochs, {budget['img_size'] or unset} px input, seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(map(str, seeds))}"
              f"{', overrides ' + ' '.join(budget['overrides']) if budget['overrides'] else ''}. "
-             "Test split, best-validation checkpoint; chance levels in brackets.", ""]  # fmt: skip
+             f"Test split, {' / '.join(checkpoints) or 'no'} tested; chance levels in brackets.", ""]  # fmt: skip
+    if len(seeds) > 1 and report.get("means"):
+        rows = [[m["name"], m["method"], ", ".join(_pct(v) for v in m["top1_per_seed"]), _pct(m["top1"]),
+                 "–" if m["vs_baseline"] is None else f"{100 * m['vs_baseline']:+.1f}",
+                 ", ".join(f"{name} {_pct(v)}" for name, v in m["branches"].items()) or "–", _pct(m["mean_class"]),
+                 f"{m['fit_seconds']:.0f}"] for m in report["means"]]  # fmt: skip
+        header = ["recipe", "method", "top-1 per seed", "mean top-1", "vs baseline (points)", "mean per branch",
+                  "mean per-class", "mean fit s"]  # fmt: skip
+        lines += [_table(header, rows), "", "Each run:", ""]
     rows = []
     for r in report["results"]:
         m = r["metrics"]
@@ -213,9 +224,10 @@ def _accuracy_tables(report: dict) -> list[str]:
                 best = scores["best_part"]
                 figures.append(f"{best['part']} {_pct(best['rate'])} ({_pct(best['chance'])})")
             loc.append(f"{box}: {', '.join(figures)}")
-        rows.append([r["name"], r["method"], _pct(m["top1"]), branches, _pct(m["mean_class"]), _pct(m.get("top5")),
+        rows.append([r["name"], r["method"], str(r.get("seed", seeds[0])), _pct(m["top1"]), branches,
+                     _pct(m["mean_class"]), _pct(m.get("top5")),
                      "<br>".join(loc) or "–", f"{r['fit_seconds']:.0f}"])  # fmt: skip
-    header = ["recipe", "method", "top-1", "top-1 per branch", "mean per-class", "top-5",
+    header = ["recipe", "method", "seed", "top-1", "top-1 per branch", "mean per-class", "top-5",
               "localisation per box (chance): " + ", ".join(LOCALIZATION_LABELS.values())
               + ", the CUB part it holds most often", "fit s"]  # fmt: skip
     return [*lines, _table(header, rows), ""]
