@@ -21,7 +21,7 @@ from finegrain.data.cub import PART_NAMES
 from finegrain.errors import FinegrainError
 
 HAS_RACNN = importlib.util.find_spec("finegrain.tasks.racnn") is not None
-METHODS = ["baseline", "cbam", "stn", "racnn"]
+METHODS = ["baseline", "cbam", "stn", "racnn", "zoom"]
 TINY = {"backbone": "test_resnet", "weights": "none"}
 FIGURE_KEYS = {"images_per_s", "peak_memory_mb"}
 
@@ -49,7 +49,7 @@ def check_figure(figure: dict) -> None:
     assert figure["ratio"] == pytest.approx(figure["finegrain"]["images_per_s"] / figure["reference"]["images_per_s"])
 
 
-@pytest.mark.parametrize("method", ["cbam", "racnn"])  # automatic and manual optimisation (RA-CNN's phases)
+@pytest.mark.parametrize("method", ["cbam", "racnn", "zoom"])  # automatic, manual (RA-CNN), two views (zoom)
 def test_speed_of_each_method_has_positive_figures_and_a_reference_ratio(method, tmp_path):
     if method == "racnn" and not HAS_RACNN:
         pytest.skip("finegrain.tasks.racnn is not there yet")
@@ -247,7 +247,7 @@ def test_seed_means_against_the_baseline_hand_computed():
                             "localization": {}}}  # fmt: skip
 
     results = [run("lite0", "baseline", 0, 0.70), run("lite0", "baseline", 1, 0.74),
-               run("zoom", "objectzoom", 0, 0.75, 0.71), run("zoom", "objectzoom", 1, 0.78, 0.73)]  # fmt: skip
+               run("zoom", "zoom", 0, 0.75, 0.71), run("zoom", "zoom", 1, 0.78, 0.73)]  # fmt: skip
     means = seed_means(results)
     assert [m["name"] for m in means] == ["lite0", "zoom"]
     assert means[0]["top1"] == pytest.approx(0.72) and means[0]["vs_baseline"] == pytest.approx(0.0)
@@ -257,7 +257,7 @@ def test_seed_means_against_the_baseline_hand_computed():
     report["budget"] = {**report["budget"], "seeds": [0, 1]}
     text = render_markdown(report)
     assert "seeds 0, 1. Test split, last.ckpt tested" in text
-    assert "| zoom | objectzoom | 75.0 %, 78.0 % | 76.5 % | +4.5 | whole 72.0 % | 76.5 % | 100 |" in text
+    assert "| zoom | zoom | 75.0 %, 78.0 % | 76.5 % | +4.5 | whole 72.0 % | 76.5 % | 100 |" in text
     assert "| lite0 | baseline | 1 | 74.0 % |" in text
 
 

@@ -110,7 +110,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     accuracy = sub.add_parser("accuracy", help="train and test each recipe under the same budget; test metrics, "
                                                "per-branch accuracy and localisation")  # fmt: skip
     accuracy.add_argument("recipes", nargs="*", help="recipe files or bench methods (default: baseline cbam stn "
-                          "racnn, i.e. configs/bench/<method>.yaml, synthetic birds)")  # fmt: skip
+                          "racnn zoom, i.e. configs/bench/<method>.yaml, synthetic birds)")  # fmt: skip
     accuracy.add_argument("--data", help="a CUB-layout folder instead of the recipes' data")
     accuracy.add_argument("--classes", help="official class ids of --data to use, e.g. 1-10")
     accuracy.add_argument("--epochs", type=int)
@@ -119,7 +119,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
                           help="train every recipe once per seed; the report shows each and their mean "
                                "(e.g. 0 1 2)")  # fmt: skip
     accuracy.add_argument("--quick", action="store_true", help="configs/bench/quick.yaml on top of each recipe: "
-                          "the four methods on synthetic birds in under 15 minutes on 2 CPU cores")  # fmt: skip
+                          "the five methods on synthetic birds, a few minutes each on 2 CPU cores")  # fmt: skip
     accuracy.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                           help="any further `finegrain fit` setting, for every recipe (repeatable)")  # fmt: skip
     accuracy.add_argument("--json", type=Path, help="write the report here")

@@ -14,7 +14,7 @@ from finegrain.errors import FinegrainError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("baseline", "cbam", "stn", "racnn")  # the bench recipes in configs/bench/, run when none is named
+METHODS = ("baseline", "cbam", "stn", "racnn", "zoom")  # the bench recipes in configs/bench/, run when none is named
 
 
 @dataclass

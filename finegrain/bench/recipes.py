@@ -81,7 +81,7 @@ class Recipe:
     def method(self) -> str:
         """What the tables call the method: the network class (+ attention)."""
         name = self.network["class_path"].rsplit(".", 1)[-1].lower()
-        name = {"classifier": "baseline", "stcnn": "stn"}.get(name, name)
+        name = {"classifier": "baseline", "stcnn": "stn", "objectzoom": "zoom"}.get(name, name)
         attention = self.network["init_args"].get("attention", "none")
         return name if attention == "none" else f"{name}+{attention}"
 
