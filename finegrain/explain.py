@@ -18,8 +18,9 @@ class Explanation:
     boxes: per branch (scale, part), (x1, y1, x2, y2) in pixels of the photo itself (`photo_size`, upright);
         empty for a network without boxes. `image_scale` maps them onto `image`.
     crops: `image` inside each box (for a sheared affine part, the box around the region it sampled).
-    attention_maps: CBAM spatial maps (h, w) in [0, 1], keyed as the network names them; each lies in the input
-        of its branch (see the method's docstring), so a part's map covers that part's crop.
+    attention_maps: CBAM spatial maps, or the object zoom's activation map, (h, w) in [0, 1], keyed as the network
+        names them; each lies in the input of its branch (see the method's docstring), so a part's map covers
+        that part's crop.
     source: what the image came from (its path, "<bytes>", ...), for titles and messages.
     input_box: the part of the photo the network saw (the eval resize and centre crop), in photo pixels.
     photo_size: the photo's own upright (width, height).
