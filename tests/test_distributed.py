@@ -29,6 +29,7 @@ METHODS = {
     "baseline": {"model": {"network": network("Classifier")}},
     "baseline+cbam": {"model": {"network": network("Classifier", attention="cbam")}},
     "stn": {"model": {"network": network("STCNN", num_parts=1, part_size=32, loc_size=32)}},
+    "zoom": {"model": {"network": network("ObjectZoom", zoom_size=32)}},
 }
 if importlib.util.find_spec("finegrain.tasks.racnn") is not None:
     # 2 images a batch: 4 steps, through APN pre-training, classification and ranking. Plain `ddp`, as a user

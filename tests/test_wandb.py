@@ -56,11 +56,12 @@ def test_offline_arguments_and_persisted_run_id(logged_out, tmp_path):
     assert configure_wandb({"id": None}, run, "r", resuming=False)["id"] != args["id"]
 
 
+@pytest.mark.parametrize(("spec", "box"), [(network("STCNN", num_parts=1, part_size=32, loc_size=32), "part1"),
+                                           (network("ObjectZoom", zoom_size=32), "object")])  # fmt: skip
 def test_offline_run_holds_metrics_box_panels_crops_and_test_tables(logged_out, synth_root, tmp_path, monkeypatch,
-                                                                     caplog):  # fmt: skip
+                                                                     caplog, spec, box):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    stn = network("STCNN", num_parts=1, part_size=32, loc_size=32)
-    config = write_config(tmp_path, tiny_config(synth_root, model={"network": stn}, trainer={"logger": WANDB_LOGGER}))
+    config = write_config(tmp_path, tiny_config(synth_root, model={"network": spec}, trainer={"logger": WANDB_LOGGER}))
     with caplog.at_level(logging.WARNING, logger="finegrain.callbacks"):
         assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "checkpoints" / "tiny"
@@ -74,15 +75,15 @@ def test_offline_run_holds_metrics_box_panels_crops_and_test_tables(logged_out, 
     # metrics, learning rates and the full config
     assert len(list(run.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2
     record = (folder / f"run-{run_id}.wandb").read_bytes()
-    for key in (b"val/top1", b"train/loss_step", b"val/boxes/part1/side", b"lr-SGD/head", b"seed_everything"):
+    for key in (b"val/top1", b"train/loss_step", f"val/boxes/{box}/side".encode(), b"lr-SGD/head", b"seed_everything"):
         assert key in record, key
     media = folder / "files" / "media"
     panels = sorted(media.glob("metadata/boxes2D/val/boxes_*.json"))
     assert len(panels) == 4 and len(list(media.glob("images/val/boxes_*.png"))) == 4  # the first val batch
     boxes = json.loads(panels[0].read_text())
-    assert [b["box_caption"] for b in boxes["box_data"]] == ["bird", "part1"]
+    assert [b["box_caption"] for b in boxes["box_data"]] == ["bird", box]
     assert all(0 <= v <= 1 for b in boxes["box_data"] for v in b["position"].values())
-    assert len(list(media.glob("images/val/crops/part1_*.png"))) == 4
+    assert len(list(media.glob(f"images/val/crops/{box}_*.png"))) == 4
     test_media = "wandb/offline-run-*/files/media/table/test"
     [per_class] = run.glob(f"{test_media}/per_class_*.table.json")
     table = json.loads(per_class.read_text())
