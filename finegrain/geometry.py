@@ -211,17 +211,37 @@ def mask_box(mask: Tensor) -> Tensor:
     return torch.where(mask.flatten(1).any(1, keepdim=True), boxes, whole)
 
 
-def square_box(boxes: Tensor, min_side: float = 0.0, aspect: float = 1.0) -> Tensor:
+def square_box(boxes: Tensor, min_side: float = 0.0, aspect: float = 1.0, max_side: float = 1.0) -> Tensor:
     """(..., 4) normalised xyxy boxes of an image of width / height `aspect` -> the squares (in pixels) around
-    them: side the box's longer pixel side, at least `min_side` and at most the image's shorter side (both as
-    fractions of it), centred on the box and shifted to lie inside the image."""
+    them: side the box's longer pixel side, within [min_side, max_side] of the image's shorter side, centred on
+    the box and shifted to lie inside the image."""
     short = min(aspect, 1.0)  # the shorter side in units of the image height
     width, height = box_extents(boxes).unbind(-1)
     side = torch.maximum(torch.maximum(width * aspect, height), torch.full_like(height, min_side * short))
-    side = side.clamp(max=short)
+    side = side.clamp(max=max_side * short)
     half = torch.stack((side / aspect, side), dim=-1) / 2
     centre = box_centres(boxes).clamp(min=half, max=1 - half)
     return torch.cat((centre - half, centre + half), dim=-1)
+
+
+def keypoint_square(points: Tensor, visible: Tensor, margin: float, min_side: float = 0.0, max_side: float = 1.0,
+                    aspect: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The pixel square that frames each image's visible keypoints: (B, K, 2) normalised (x, y) points and (B, K)
+    visibility -> ((B, 4) normalised xyxy squares, (B,) whether any point was visible).
+
+    The visible points' bounding box, widened by `margin` (a fraction of the image's shorter side) on every side,
+    made a square by `square_box` (side within [min_side, max_side] of the shorter side, inside the image). An
+    image with no visible point gets the centred square of the whole image and False.
+    """
+    seen = visible.bool()[..., None]
+    low = torch.where(seen, points, torch.ones_like(points)).amin(1)
+    high = torch.where(seen, points, torch.zeros_like(points)).amax(1)
+    short = min(aspect, 1.0)
+    pad = torch.tensor([margin * short / aspect, margin * short], device=points.device, dtype=points.dtype)
+    any_seen = seen.any(1).squeeze(-1)
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=points.device, dtype=points.dtype)
+    boxes = torch.where(any_seen[:, None], torch.cat((low - pad, high + pad), dim=-1), whole)
+    return square_box(boxes, min_side, aspect, max_side), any_seen
 
 
 # ---- Pixel boxes of photographs and their annotations (numpy) ----

@@ -61,7 +61,7 @@ def summarize(metrics: dict[str, float]) -> dict:
         _, box, score = key.split("/", 2)
         pair = [value, test.get(f"{key}_chance")]
         scores = localization.setdefault(box, {"parts": {}})
-        if score in ("centre_in_bird", "contains_bird_centre"):
+        if score in ("centre_in_bird", "contains_bird_centre", "holds_region"):
             scores[score] = pair
         else:
             scores["parts"][score.removeprefix("contains_").replace("_", " ")] = pair

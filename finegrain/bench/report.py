@@ -15,7 +15,8 @@ from finegrain.errors import FinegrainError
 
 SCHEMA_VERSION = 1
 # how the tables name LocalizationScore's bird-box scores
-LOCALIZATION_LABELS = {"centre_in_bird": "centre in bird", "contains_bird_centre": "holds bird centre"}
+LOCALIZATION_LABELS = {"centre_in_bird": "centre in bird", "contains_bird_centre": "holds bird centre",
+                       "holds_region": "holds a keypoint of its region"}  # fmt: skip
 
 
 def machine_info() -> dict:

@@ -88,3 +88,41 @@ class LocalizationScore(Metric):
                 key = "contains_" + part.replace(" ", "_")
                 scores[key], scores[f"{key}_chance"] = per_part[0, i], per_part[1, i]
         return scores
+
+
+def holds_any_chance(extent: Tensor, points: Tensor, seen: Tensor, grid: int = 64) -> Tensor:
+    """Probability that a box of `extent` (B, 2), placed uniformly inside the image, holds at least one of the
+    seen points (B, K, 2): the share of a grid x grid lattice of the box's possible centres (a quadrature, exact to
+    about 1 / grid) whose box holds one."""
+    steps = (torch.arange(grid, device=extent.device, dtype=extent.dtype) + 0.5) / grid  # (G,)
+    low, room = extent / 2, (1 - extent).clamp(min=0)  # centres run over [e/2, 1 - e/2] on each axis
+    centres = low[:, None, :] + room[:, None, :] * steps[None, :, None]  # (B, G, 2): per-axis lattice
+    near = (points[:, None, :, :] - centres[:, :, None, :]).abs() <= extent[:, None, None, :] / 2  # (B, G, K, 2)
+    near = near & seen[:, None, :, None]
+    holds = (near[..., 0][:, :, None, :] & near[..., 1][:, None, :, :]).any(-1)  # (B, Gx, Gy)
+    return holds.float().mean((1, 2))
+
+
+class RegionScore(Metric):
+    """How often a box holds at least one visible keypoint of a body region (e.g. any head keypoint), over the
+    images where one is visible, with the chance of a box of the same size placed at random."""
+
+    full_state_update = False
+
+    def __init__(self, indices: list[int]):
+        super().__init__()
+        self.indices = list(indices)
+        self.add_state("hits", torch.zeros(2), dist_reduce_fx="sum")  # (hits, chance) summed over images
+        self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, boxes: Tensor, parts: Tensor, visible: Tensor) -> None:
+        points, seen = parts[:, self.indices].float(), visible[:, self.indices].bool()
+        counted = seen.any(1)
+        holds = (boxes_contain(boxes.float()[:, None], points) & seen).any(1)
+        chance = holds_any_chance(box_extents(boxes.float()), points, seen)
+        self.hits += torch.stack(((holds & counted).float().sum(), (chance * counted).sum()))
+        self.count += counted.sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        hits, chance = self.hits / self.count.clamp(min=1)
+        return {"rate": hits, "chance": chance}

@@ -92,20 +92,22 @@ class STCNN(nn.Module):
         global_branch: also classify the whole image with its own network.
         attention, attention_stages: attention gates in the part and global networks (see
             `create_backbone`); the localisation network stays plain.
+        part_names: what each part is called in outputs, logs and pictures (e.g. ["head", "body"] when
+            `finegrain.tasks.stn.STNTask` supervises them with CUB's keypoints); default part1 ... partN.
 
-    Output: fused `logits`; `branch_logits` {"global" (if on), "part1", ..., "partN"} from linear probes on each
-    branch's DETACHED features; `boxes` {"part1", ...} as normalised xyxy (the box around the parallelogram for
-    "affine"). The probes' losses train only the probes: the paper trains the fused softmax alone, and a loss per
-    part would pull every part toward the same most discriminative region; detached, they still measure what
-    each branch knows. `attention_maps` are keyed "<branch>.<module>" and lie in that branch's input (a part's
-    maps cover its crop, not the whole image).
+    Output: fused `logits`; `branch_logits` {"global" (if on), "part1", ..., "partN" (or `part_names`)} from
+    linear probes on each branch's DETACHED features; `boxes` {"part1", ...} as normalised xyxy (the box around
+    the parallelogram for "affine"). The probes' losses train only the probes: the paper trains the fused
+    softmax alone, and a loss per part would pull every part toward the same most discriminative region;
+    detached, they still measure what each branch knows. `attention_maps` are keyed "<branch>.<module>" and lie
+    in that branch's input (a part's maps cover its crop, not the whole image).
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
                  drop_rate: float = 0.0, num_parts: int = 2, transform: str = "attention", part_size: int = 224,
                  min_scale: float = 0.2, max_scale: float = 1.0, loc_backbone: str | None = None, loc_size: int = 224,
                  shared_parts: bool = False, global_branch: bool = False, attention: str = "none",
-                 attention_stages: list[int] | None = None):  # fmt: skip
+                 attention_stages: list[int] | None = None, part_names: list[str] | None = None):  # fmt: skip
         super().__init__()
         if transform not in TRANSFORM_PARAMS:
             raise FinegrainError(f"ST-CNN transform {transform!r} is unknown; choose one of {list(TRANSFORM_PARAMS)}")
@@ -113,6 +115,10 @@ class STCNN(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"ST-CNN {name} must be a positive integer, got {value!r}")
         check_scales(min_scale, max_scale)
+        names = list(part_names) if part_names is not None else [f"part{i + 1}" for i in range(num_parts)]
+        if len(names) != num_parts or len(set(names)) != num_parts or "global" in names or not all(names):
+            raise FinegrainError(f"ST-CNN part_names {part_names!r} must be {num_parts} distinct, non-empty names "
+                                 "(one per part, not 'global'), e.g. [head, body]")  # fmt: skip
         self.transform, self.min_scale, self.max_scale, self.num_parts = transform, min_scale, max_scale, num_parts
         self.part_size, self.loc_size = part_size, loc_size
 
@@ -124,7 +130,7 @@ class STCNN(nn.Module):
         self.global_net = branch_net() if global_branch else None
 
         width = self.part_nets[0].num_features
-        self.box_names = [f"part{i + 1}" for i in range(num_parts)]
+        self.box_names = names
         self.branch_names = (["global"] if global_branch else []) + self.box_names
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(width * len(self.branch_names), num_classes)

@@ -105,9 +105,16 @@ class ClassificationTask(pl.LightningModule):
               for logits in (output.logits, *output.branch_logits.values())]  # fmt: skip
         return torch.stack(ce).sum()
 
+    def extra_loss(self, output: ModelOutput, batch: dict, stage: str) -> torch.Tensor | None:
+        """A loss term beside the cross-entropy that needs more of the batch than labels; None here."""
+        return None
+
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         output = self(batch["image"])
         loss = self.loss(output, batch["label"])
+        extra = self.extra_loss(output, batch, stage)
+        if extra is not None:
+            loss = loss + extra
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
                  batch_size=len(batch["label"]), sync_dist=not on_step)  # fmt: skip

@@ -1,0 +1,138 @@
+"""ST-CNN with a part-supervised start: each spatial transformer first learns to frame one body region from CUB's
+keypoints, then the whole network trains from class labels alone, as in the paper, with the localisation free.
+
+Label-only training left the parts where the localisation layer's bias put them (docs/benchmarks.md, "ST-CNN");
+CUB annotates 15 part locations on every photograph, which the data layer carries through every augmentation.
+The loss and the region split are explained in docs/methods.md ("ST-CNN").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from finegrain.data.cub import PART_NAMES
+from finegrain.errors import FinegrainError
+from finegrain.evaluation.localization import RegionScore
+from finegrain.geometry import keypoint_square
+from finegrain.models import STCNN, ModelOutput
+from finegrain.tasks.classification import ClassificationTask
+
+log = logging.getLogger(__name__)
+
+# Body regions a part can be trained to frame, as CUB part names (parts/parts.txt). Two parts: head and body;
+# four: head, the front (throat, breast, belly), the upperparts (back, wings) and the tail with the legs.
+REGIONS: dict[str, tuple[str, ...]] = {
+    "head": ("beak", "crown", "forehead", "left eye", "right eye", "nape", "throat"),
+    "body": ("back", "breast", "belly", "left wing", "right wing"),
+    "front": ("throat", "breast", "belly"),
+    "upperparts": ("back", "left wing", "right wing"),
+    "tail": ("tail", "left leg", "right leg"),
+}
+
+
+def region_indices(region: str) -> list[int]:
+    return [PART_NAMES.index(name) for name in REGIONS[region]]
+
+
+def part_box_loss(boxes: Tensor, parts: Tensor, visible: Tensor, region: str, margin: float, min_side: float,
+                  max_side: float, aspect: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """L1 distance between predicted (B, 4) normalised xyxy boxes and the squares framing each image's visible
+    keypoints of `region` (`keypoint_square`), averaged over the images where at least one is visible; with the
+    count of those images. Images where the region is all invisible add nothing (and no gradient)."""
+    index = region_indices(region)
+    target, seen = keypoint_square(parts[:, index], visible[:, index], margin, min_side, max_side, aspect)
+    per_image = F.l1_loss(boxes.float(), target, reduction="none").sum(-1)
+    count = seen.sum()
+    return (per_image * seen).sum() / count.clamp(min=1), count
+
+
+class STNTask(ClassificationTask):
+    """ClassificationTask for an `STCNN`, with the part-supervised start.
+
+    Args (besides ClassificationTask's):
+        part_supervision: "cub-parts" (each part named after a region of `REGIONS` through the network's
+            `part_names` learns to frame that region's visible keypoints for `supervision_epochs`, beside the
+            classification loss) or "none" (the paper's label-only training). A dataset without part annotations
+            falls back to "none", with one line saying so.
+        supervision_epochs: epochs (fractions allowed) of the supervised start; then class labels alone.
+        part_margin: margin around a region's keypoints, as a fraction of the image's shorter side.
+        part_loss_weight: weight of the box loss beside the cross-entropy.
+    """
+
+    trains = (STCNN,)
+
+    def __init__(self, *args, part_supervision: Literal["cub-parts", "none"] = "cub-parts",
+                 supervision_epochs: float = 2.0, part_margin: float = 0.05, part_loss_weight: float = 1.0,
+                 **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        if part_supervision not in ("cub-parts", "none"):
+            raise FinegrainError(f"part_supervision {part_supervision!r} is unknown; choose cub-parts or none")
+        if part_supervision == "cub-parts":
+            unknown = [name for name in self.network.box_names if name not in REGIONS]
+            if unknown:
+                raise FinegrainError(
+                    f"part_supervision cub-parts needs every ST-CNN part named after a body region; {unknown} "
+                    f"are not regions: set model.network.init_args.part_names from {sorted(REGIONS)}, e.g. "
+                    "[head, body], or part_supervision none"
+                )
+        self.supervise = part_supervision == "cub-parts"
+        # where each region-named part falls: does it hold a keypoint of its region (val/test)?
+        self.region_scores = torch.nn.ModuleDict({
+            f"{stage}_{name}": RegionScore(region_indices(name))
+            for stage in ("val", "test") for name in self.network.box_names if name in REGIONS
+        })  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        train = (getattr(datamodule, "datasets", None) or {}).get("train")
+        if stage == "fit" and self.supervise and train is not None and not any(
+                record.parts[:, 2].any() for record in train.records):  # fmt: skip
+            log.warning("the training data has no part annotations (parts/part_locs.txt): ST-CNN trains from "
+                        "class labels alone (part_supervision none)")  # fmt: skip
+            self.supervise = False
+
+    def log_results(self, output: ModelOutput, batch: dict, stage: str) -> None:
+        super().log_results(output, batch, stage)
+        for name, boxes in output.boxes.items():
+            key = f"{stage}_{name}"
+            if key in self.region_scores and "parts" in batch:
+                self.region_scores[key].update(boxes.detach(), batch["parts"], batch["part_visible"])
+
+    def _log_regions(self, stage: str) -> None:
+        for key, score in self.region_scores.items():
+            if key.startswith(f"{stage}_") and score.update_count:
+                name = key.removeprefix(f"{stage}_")
+                result = score.compute()
+                self.log_dict({f"{stage}/loc/{name}/holds_region": result["rate"],
+                               f"{stage}/loc/{name}/holds_region_chance": result["chance"]})  # fmt: skip
+                score.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_regions("val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_regions("test")
+
+    def supervised_now(self) -> bool:
+        return self.supervise and self.current_epoch < self.hparams.supervision_epochs
+
+    def extra_loss(self, output: ModelOutput, batch: dict, stage: str) -> Tensor | None:
+        """The box loss of every part against its region's keypoints, while the supervised start lasts."""
+        if stage != "train" or not self.supervised_now():
+            return None
+        min_side, max_side = self.network.min_scale, self.network.max_scale
+        aspect = batch["image"].shape[-1] / batch["image"].shape[-2]
+        box_losses = []
+        for name, boxes in output.boxes.items():
+            part_loss, count = part_box_loss(boxes, batch["parts"], batch["part_visible"], name,
+                                             self.hparams.part_margin, min_side, max_side, aspect)  # fmt: skip
+            box_losses.append(part_loss)
+            self.log(f"train/part_loss/{name}", part_loss, on_step=False, on_epoch=True, batch_size=max(1, int(count)))
+        return self.hparams.part_loss_weight * torch.stack(box_losses).sum()
