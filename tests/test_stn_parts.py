@@ -130,3 +130,17 @@ def test_region_score_counts_a_box_holding_any_visible_keypoint_against_chance()
     assert result["rate"].item() == 1.0
     # a 0.2 box holds (0.1, 0.1) when its centre is within 0.1 of it: centres over [0.1, 0.9] -> (0.1 / 0.8)^2
     assert result["chance"].item() == pytest.approx((0.1 / 0.8) ** 2, abs=1e-3)
+
+
+def test_while_supervised_the_class_loss_does_not_move_the_boxes():
+    torch.manual_seed(0)
+    network = tiny_stn(part_names=["head", "body"])
+    images = torch.rand(2, 3, 64, 64)
+    network.localization_from_labels = False
+    network(images).logits.sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in network.loc_head.parameters())
+    assert network.head.weight.grad.abs().sum() > 0
+    network.zero_grad()
+    network.localization_from_labels = True  # afterwards, as in the paper, the class loss moves them
+    network(images).logits.sum().backward()
+    assert network.loc_head.fc2.bias.grad.abs().sum() > 0

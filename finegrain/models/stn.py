@@ -171,14 +171,19 @@ class STCNN(nn.Module):
         net = self.part_nets[index % len(self.part_nets)]
         return net(crop(images, theta, (self.part_size, self.part_size)))
 
+    # False while a task trains the localisation from another signal (STNTask's keypoints): the crops are then
+    # sampled at detached boxes, so the classification loss trains the part networks, not where they look
+    localization_from_labels = True
+
     def forward(self, images: Tensor) -> ModelOutput:
         theta = self.raw_to_theta(self.localize_raw(images), images)
+        sampled = theta if self.localization_from_labels else theta.detach()
         features, maps = [], {}
         if self.global_net is not None:
             features.append(self.global_net(images))
             maps.update({f"global.{key}": value for key, value in attention_maps(self.global_net).items()})
         for i, name in enumerate(self.box_names):
-            features.append(self._part_features(i, images, theta[:, i]))
+            features.append(self._part_features(i, images, sampled[:, i]))
             # read now: a shared part network keeps only its last call's maps
             net = self.part_nets[i % len(self.part_nets)]
             maps.update({f"{name}.{key}": value for key, value in attention_maps(net).items()})

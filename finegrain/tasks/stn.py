@@ -59,7 +59,8 @@ class STNTask(ClassificationTask):
             `part_names` learns to frame that region's visible keypoints for `supervision_epochs`, beside the
             classification loss) or "none" (the paper's label-only training). A dataset without part annotations
             falls back to "none", with one line saying so.
-        supervision_epochs: epochs (fractions allowed) of the supervised start; then class labels alone.
+        supervision_epochs: whole epochs of the supervised start, in which the box loss alone trains the
+            localisation (the crops are sampled at detached boxes); then class labels alone train everything.
         part_margin: margin around a region's keypoints, as a fraction of the image's shorter side.
         part_loss_weight: weight of the box loss beside the cross-entropy.
     """
@@ -67,7 +68,7 @@ class STNTask(ClassificationTask):
     trains = (STCNN,)
 
     def __init__(self, *args, part_supervision: Literal["cub-parts", "none"] = "cub-parts",
-                 supervision_epochs: float = 2.0, part_margin: float = 0.05, part_loss_weight: float = 1.0,
+                 supervision_epochs: int = 2, part_margin: float = 0.05, part_loss_weight: float = 1.0,
                  **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         if part_supervision not in ("cub-parts", "none"):
@@ -122,6 +123,10 @@ class STNTask(ClassificationTask):
 
     def supervised_now(self) -> bool:
         return self.supervise and self.current_epoch < self.hparams.supervision_epochs
+
+    def on_train_epoch_start(self) -> None:
+        # while supervised, the keypoints alone move the boxes: the class loss would pull them to their bounds
+        self.network.localization_from_labels = not self.supervised_now()
 
     def extra_loss(self, output: ModelOutput, batch: dict, stage: str) -> Tensor | None:
         """The box loss of every part against its region's keypoints, while the supervised start lasts."""
