@@ -105,7 +105,10 @@ def test_fit_supervises_the_parts_first_then_trains_from_labels(synth_root, tmp_
                     epochs.setdefault("head", set()).add(int(row["epoch"]))
     assert epochs == {"head": {0}}
     checkpoint = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
-    assert checkpoint["hyper_parameters"]["part_supervision"] == "cub-parts"
+    assert checkpoint["hyper_parameters"]["part_supervision"] == "cub-parts" and checkpoint["localization_slowed"]
+    # after the supervised epoch the localisation learns at localization_lr_after (0.01) of its rate
+    groups = {g["name"]: g["lr"] for g in checkpoint["optimizer_states"][0]["param_groups"]}
+    assert groups["localization"] / groups["head"] == pytest.approx(0.01)
 
 
 def test_without_part_annotations_it_trains_from_labels_and_says_so(synth_root, tmp_path, monkeypatch, caplog):

@@ -61,6 +61,9 @@ class STNTask(ClassificationTask):
             falls back to "none", with one line saying so.
         supervision_epochs: whole epochs of the supervised start, in which the box loss alone trains the
             localisation (the crops are sampled at detached boxes); then class labels alone train everything.
+        localization_lr_after: factor on the localisation group's learning rate once the supervised start ends.
+            The paper trains its localisation far slower than the rest; at the full rate here the class loss drove
+            both supervised parts to their size bounds within one epoch (docs/benchmarks.md, "ST-CNN").
         part_margin: margin around a region's keypoints, as a fraction of the image's shorter side.
         part_loss_weight: weight of the box loss beside the cross-entropy.
     """
@@ -68,7 +71,8 @@ class STNTask(ClassificationTask):
     trains = (STCNN,)
 
     def __init__(self, *args, part_supervision: Literal["cub-parts", "none"] = "cub-parts",
-                 supervision_epochs: int = 2, part_margin: float = 0.05, part_loss_weight: float = 1.0,
+                 supervision_epochs: int = 2, localization_lr_after: float = 0.01, part_margin: float = 0.05,
+                 part_loss_weight: float = 1.0,
                  **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         if part_supervision not in ("cub-parts", "none"):
@@ -82,6 +86,7 @@ class STNTask(ClassificationTask):
                     "[head, body], or part_supervision none"
                 )
         self.supervise = part_supervision == "cub-parts"
+        self.localization_slowed = False
         # where each region-named part falls: does it hold a keypoint of its region (val/test)?
         self.region_scores = torch.nn.ModuleDict({
             f"{stage}_{name}": RegionScore(region_indices(name))
@@ -127,6 +132,19 @@ class STNTask(ClassificationTask):
     def on_train_epoch_start(self) -> None:
         # while supervised, the keypoints alone move the boxes: the class loss would pull them to their bounds
         self.network.localization_from_labels = not self.supervised_now()
+        if self.supervise and self.current_epoch >= self.hparams.supervision_epochs and not self.localization_slowed:
+            scheduler = self.lr_schedulers()
+            for index, group in enumerate(scheduler.optimizer.param_groups):
+                if group.get("name") == "localization":
+                    scheduler.base_lrs[index] *= self.hparams.localization_lr_after
+            self.localization_slowed = True
+
+    # the slowed rate lives in the scheduler's state: a resumed run must not slow it twice
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["localization_slowed"] = self.localization_slowed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.localization_slowed = bool(checkpoint.get("localization_slowed", False))
 
     def extra_loss(self, output: ModelOutput, batch: dict, stage: str) -> Tensor | None:
         """The box loss of every part against its region's keypoints, while the supervised start lasts."""
