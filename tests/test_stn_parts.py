@@ -147,3 +147,13 @@ def test_while_supervised_the_class_loss_does_not_move_the_boxes():
     network.localization_from_labels = True  # afterwards, as in the paper, the class loss moves them
     network(images).logits.sum().backward()
     assert network.loc_head.fc2.bias.grad.abs().sum() > 0
+
+
+def test_the_cpu_recipe_supervises_named_parts(capsys):
+    from finegrain.training import CONFIGS
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(CONFIGS / "stn_lite0_cub30.yaml"), "--print_config"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "finegrain.tasks.stn.STNTask" in out and "part_supervision: cub-parts" in out and "- head" in out
