@@ -63,7 +63,8 @@ class STNTask(ClassificationTask):
             localisation (the crops are sampled at detached boxes); then class labels alone train everything.
         localization_lr_after: factor on the localisation group's learning rate once the supervised start ends.
             The paper trains its localisation far slower than the rest; at the full rate here the class loss drove
-            both supervised parts to their size bounds within one epoch (docs/benchmarks.md, "ST-CNN").
+            both supervised parts to their size bounds within one epoch (docs/benchmarks.md, "ST-CNN parts
+            supervised by CUB keypoints").
         part_margin: margin around a region's keypoints, as a fraction of the image's shorter side.
         part_loss_weight: weight of the box loss beside the cross-entropy.
     """
@@ -72,8 +73,7 @@ class STNTask(ClassificationTask):
 
     def __init__(self, *args, part_supervision: Literal["cub-parts", "none"] = "cub-parts",
                  supervision_epochs: int = 2, localization_lr_after: float = 0.01, part_margin: float = 0.05,
-                 part_loss_weight: float = 1.0,
-                 **kwargs):  # fmt: skip
+                 part_loss_weight: float = 1.0, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         if part_supervision not in ("cub-parts", "none"):
             raise FinegrainError(f"part_supervision {part_supervision!r} is unknown; choose cub-parts or none")
