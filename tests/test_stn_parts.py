@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from finegrain.cli import main
-from finegrain.data.cub import PART_NAMES
+from finegrain.data.cub import PART_NAMES, PART_REGIONS
 from finegrain.errors import FinegrainError
-from finegrain.evaluation.localization import RegionScore
+from finegrain.evaluation.localization import LocalizationScore
 from finegrain.geometry import keypoint_square
 from finegrain.models import STCNN
-from finegrain.tasks.stn import REGIONS, STNTask, part_box_loss
+from finegrain.tasks.stn import STNTask, part_box_loss
 from tests.test_training import last_metrics
 
 
@@ -31,7 +31,7 @@ def keypoints(**placed: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor
 
 def test_keypoint_square_hand_computed():
     points, visible = keypoints(beak=(0.2, 0.3), crown=(0.3, 0.35), tail=(0.9, 0.9))
-    head = [PART_NAMES.index(n) for n in REGIONS["head"]]
+    head = [PART_NAMES.index(n) for n in PART_REGIONS["head"]]
     # beak and crown: (0.2, 0.3)-(0.3, 0.35), widened by 0.05 -> 0.2 x 0.15, squared to 0.2 around (0.25, 0.325)
     square, seen = keypoint_square(points[:, head], visible[:, head], margin=0.05, min_side=0.1, max_side=0.6)
     torch.testing.assert_close(square, torch.tensor([[0.15, 0.225, 0.35, 0.425]]))
@@ -122,17 +122,18 @@ def test_without_part_annotations_it_trains_from_labels_and_says_so(synth_root, 
             "alone (part_supervision none)") in caplog.text  # fmt: skip
 
 
-def test_region_score_counts_a_box_holding_any_visible_keypoint_against_chance():
-    head = [PART_NAMES.index(n) for n in REGIONS["head"]]
-    score = RegionScore(head)
+def test_a_box_named_after_a_region_is_scored_on_holding_any_of_its_keypoints_against_chance():
+    score = LocalizationScore(region=PART_REGIONS["head"])
     on_beak, beak_visible = keypoints(beak=(0.1, 0.1), tail=(0.5, 0.5))
     hidden, hidden_visible = keypoints(tail=(0.5, 0.5))  # no head keypoint: not counted
     boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.4, 0.4, 0.6, 0.6]])
-    score.update(boxes, torch.cat((on_beak, hidden)), torch.cat((beak_visible, hidden_visible)))
+    bird = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
+    score.update(boxes, bird, torch.cat((on_beak, hidden)), torch.cat((beak_visible, hidden_visible)))
     result = score.compute()
-    assert result["rate"].item() == 1.0
+    assert result["holds_region"].item() == 1.0
     # a 0.2 box holds (0.1, 0.1) when its centre is within 0.1 of it: centres over [0.1, 0.9] -> (0.1 / 0.8)^2
-    assert result["chance"].item() == pytest.approx((0.1 / 0.8) ** 2, abs=1e-3)
+    assert result["holds_region_chance"].item() == pytest.approx((0.1 / 0.8) ** 2, abs=1e-3)
+    assert "holds_region" not in LocalizationScore().compute()  # a box named after no region
 
 
 def test_while_supervised_the_class_loss_does_not_move_the_boxes():

@@ -144,7 +144,8 @@ def test_lr_groups_cover_every_parameter_once():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"min_side": 0}, "min_side must be in \\(0, 1\\]"), ({"zoom_size": 0}, "zoom_size must be a positive integer"),
-     ({"whole_size": -3}, "whole_size must be a positive integer")],
+     ({"whole_size": -3}, "whole_size must be a positive integer"),
+     ({"whole_size": 0}, "whole_size must be a positive integer")],
 )  # fmt: skip
 def test_bad_settings_get_clear_errors(kwargs, message):
     with pytest.raises(FinegrainError, match=message):

@@ -24,6 +24,16 @@ PART_NAMES = (
     "back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
     "right eye", "right leg", "right wing", "tail", "throat",
 )  # fmt: skip
+# Body regions as groups of CUB parts: what an ST-CNN part named after one is trained to frame (tasks.stn), and
+# where evaluation asks whether a box holds the region. Two parts: head and body; four: head, the front, the
+# upperparts and the tail with the legs.
+PART_REGIONS: dict[str, tuple[str, ...]] = {
+    "head": ("beak", "crown", "forehead", "left eye", "right eye", "nape", "throat"),
+    "body": ("back", "breast", "belly", "left wing", "right wing"),
+    "front": ("throat", "breast", "belly"),
+    "upperparts": ("back", "left wing", "right wing"),
+    "tail": ("tail", "left leg", "right leg"),
+}
 REQUIRED_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt",
                   "bounding_boxes.txt")  # fmt: skip
 # Official boxes are hand-drawn and some overrun their photograph (image 1218 by 32 px): they are clipped to it.

@@ -34,6 +34,19 @@ def box_statistics(boxes: Tensor) -> dict[str, Tensor]:
     return {"side": sides.mean(), "centre_spread": spread}
 
 
+def holds_any_chance(extent: Tensor, points: Tensor, seen: Tensor, grid: int = 64) -> Tensor:
+    """Probability that a box of `extent` (B, 2), placed uniformly inside the image, holds at least one of the
+    seen points (B, K, 2): the share of a grid x grid lattice of the box's possible centres (a quadrature, exact to
+    about 1 / grid) whose box holds one."""
+    steps = (torch.arange(grid, device=extent.device, dtype=extent.dtype) + 0.5) / grid  # (G,)
+    low, room = extent / 2, (1 - extent).clamp(min=0)  # centres run over [e/2, 1 - e/2] on each axis
+    centres = low[:, None, :] + room[:, None, :] * steps[None, :, None]  # (B, G, 2): per-axis lattice
+    near = (points[:, None, :, :] - centres[:, :, None, :]).abs() <= extent[:, None, None, :] / 2  # (B, G, K, 2)
+    near = near & seen[:, None, :, None]
+    holds = (near[..., 0][:, :, None, :] & near[..., 1][:, None, :, :]).any(-1)  # (B, Gx, Gy)
+    return holds.float().mean((1, 2))
+
+
 class LocalizationScore(Metric):
     """Scores of one branch's boxes against the bird box and the 15 CUB part points, with chance levels.
 
@@ -42,14 +55,19 @@ class LocalizationScore(Metric):
       centre_in_bird: share of boxes whose centre lies inside the bird box (a part box should);
       contains_bird_centre: share of boxes that contain the bird box's centre (a zoom on the bird should);
       contains_<part>: share of boxes containing that part's point, over the images where it is visible;
+      holds_region (with `region`, the CUB parts of a body region such as the head): share of boxes holding at
+        least one visible point of the region, over the images where one is visible;
     and each with a `_chance` twin.
     """
 
     full_state_update = False
 
-    def __init__(self, part_names: tuple[str, ...] = PART_NAMES):
+    def __init__(self, part_names: tuple[str, ...] = PART_NAMES, region: tuple[str, ...] | None = None):
         super().__init__()
         self.part_names = part_names
+        self.region = [part_names.index(name) for name in region] if region else []
+        self.add_state("region_hits", torch.zeros(2), dist_reduce_fx="sum")  # (hits, chance) summed over images
+        self.add_state("region_count", torch.zeros(()), dist_reduce_fx="sum")
         for name in ("centre_in_bird", "contains_bird_centre"):
             self.add_state(name, torch.zeros(2), dist_reduce_fx="sum")  # (hits, chance) summed over images
         self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
@@ -77,6 +95,14 @@ class LocalizationScore(Metric):
         self.part_hits += torch.stack(((hits * seen).sum(0), (chance * seen).sum(0)))
         self.part_count += seen.sum(0)
 
+        if self.region:
+            seen_in_region = visible[:, self.region].bool()
+            counted = seen_in_region.any(1)
+            holds = (hits[:, self.region].bool() & seen_in_region).any(1)
+            chance = holds_any_chance(extent, parts[:, self.region], seen_in_region)
+            self.region_hits += torch.stack(((holds & counted).float().sum(), (chance * counted).sum()))
+            self.region_count += counted.sum()
+
     def compute(self) -> dict[str, Tensor]:
         scores = {}
         for name in ("centre_in_bird", "contains_bird_centre"):
@@ -87,42 +113,6 @@ class LocalizationScore(Metric):
             if self.part_count[i] > 0:
                 key = "contains_" + part.replace(" ", "_")
                 scores[key], scores[f"{key}_chance"] = per_part[0, i], per_part[1, i]
+        if self.region:
+            scores["holds_region"], scores["holds_region_chance"] = self.region_hits / self.region_count.clamp(min=1)
         return scores
-
-
-def holds_any_chance(extent: Tensor, points: Tensor, seen: Tensor, grid: int = 64) -> Tensor:
-    """Probability that a box of `extent` (B, 2), placed uniformly inside the image, holds at least one of the
-    seen points (B, K, 2): the share of a grid x grid lattice of the box's possible centres (a quadrature, exact to
-    about 1 / grid) whose box holds one."""
-    steps = (torch.arange(grid, device=extent.device, dtype=extent.dtype) + 0.5) / grid  # (G,)
-    low, room = extent / 2, (1 - extent).clamp(min=0)  # centres run over [e/2, 1 - e/2] on each axis
-    centres = low[:, None, :] + room[:, None, :] * steps[None, :, None]  # (B, G, 2): per-axis lattice
-    near = (points[:, None, :, :] - centres[:, :, None, :]).abs() <= extent[:, None, None, :] / 2  # (B, G, K, 2)
-    near = near & seen[:, None, :, None]
-    holds = (near[..., 0][:, :, None, :] & near[..., 1][:, None, :, :]).any(-1)  # (B, Gx, Gy)
-    return holds.float().mean((1, 2))
-
-
-class RegionScore(Metric):
-    """How often a box holds at least one visible keypoint of a body region (e.g. any head keypoint), over the
-    images where one is visible, with the chance of a box of the same size placed at random."""
-
-    full_state_update = False
-
-    def __init__(self, indices: list[int]):
-        super().__init__()
-        self.indices = list(indices)
-        self.add_state("hits", torch.zeros(2), dist_reduce_fx="sum")  # (hits, chance) summed over images
-        self.add_state("count", torch.zeros(()), dist_reduce_fx="sum")
-
-    def update(self, boxes: Tensor, parts: Tensor, visible: Tensor) -> None:
-        points, seen = parts[:, self.indices].float(), visible[:, self.indices].bool()
-        counted = seen.any(1)
-        holds = (boxes_contain(boxes.float()[:, None], points) & seen).any(1)
-        chance = holds_any_chance(box_extents(boxes.float()), points, seen)
-        self.hits += torch.stack(((holds & counted).float().sum(), (chance * counted).sum()))
-        self.count += counted.sum()
-
-    def compute(self) -> dict[str, Tensor]:
-        hits, chance = self.hits / self.count.clamp(min=1)
-        return {"rate": hits, "chance": chance}

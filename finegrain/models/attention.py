@@ -206,6 +206,14 @@ def attention_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list({id(p): p for m in modules for p in m.parameters()}.values())
 
 
+def backbone_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """A (pretrained) backbone's parameters as learning-rate groups: "backbone" for the trunk, "attention" for the
+    gates inserted into it (new layers, which learn at their own rate)."""
+    gates = attention_parameters(model)
+    gate_ids = {id(p) for p in gates}
+    return {"backbone": [p for p in model.parameters() if id(p) not in gate_ids], "attention": gates}
+
+
 def _resnet_blocks(model: nn.Module, stage: str) -> list[BasicBlock | Bottleneck]:
     modules = model.named_modules()
     return [m for name, m in modules if name.startswith(f"{stage}.") and isinstance(m, BasicBlock | Bottleneck)]

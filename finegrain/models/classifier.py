@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finegrain.models.attention import attention_maps, attention_parameters
+from finegrain.models.attention import attention_maps, backbone_groups
 from finegrain.models.backbones import create_backbone
 from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
@@ -34,10 +34,7 @@ class Classifier(nn.Module):
         Attention gates are new layers inside a pretrained backbone: they get their own group ("attention"),
         which learns at the head's rate unless `lr_scales` says otherwise.
         """
-        gates = attention_parameters(self.backbone)
-        gate_ids = {id(p) for p in gates}
-        trunk = [p for p in self.backbone.parameters() if id(p) not in gate_ids]
-        return {"backbone": trunk, "attention": gates, "head": list(self.head.parameters())}
+        return {**backbone_groups(self.backbone), "head": list(self.head.parameters())}
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         logits = self.head(self.dropout(self.backbone(images)))

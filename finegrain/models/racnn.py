@@ -25,7 +25,7 @@ from finegrain.geometry import (
     square_copy,
     transform_to_box,
 )
-from finegrain.models.attention import attention_maps, attention_parameters
+from finegrain.models.attention import attention_maps, backbone_groups
 from finegrain.models.backbones import create_backbone
 from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
@@ -197,11 +197,8 @@ class RACNN(nn.Module):
 
         Attention gates are new layers inside pretrained backbones: their own group, like the baseline's.
         """
-        gates = attention_parameters(self.backbones)
-        gate_ids = {id(p) for p in gates}
         return {
-            "backbone": [p for p in self.backbones.parameters() if id(p) not in gate_ids],
-            "attention": gates,
+            **backbone_groups(self.backbones),
             "apn": list(self.apns.parameters()),
             "head": [*self.heads.parameters(), *self.fused_head.parameters()],
         }

@@ -20,7 +20,7 @@ from finegrain.geometry import (
     theta_to_box,
     transform_to_theta,
 )
-from finegrain.models.attention import attention_maps, attention_parameters
+from finegrain.models.attention import attention_maps, backbone_groups
 from finegrain.models.backbones import create_backbone
 from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
@@ -142,11 +142,8 @@ class STCNN(nn.Module):
         Attention gates in the branch networks are new layers: their own group, like the baseline's.
         """
         branches = nn.ModuleList(self.branch_nets())  # parameters() lists a shared network once
-        gates = attention_parameters(branches)
-        gate_ids = {id(p) for p in gates}
         return {
-            "backbone": [p for p in branches.parameters() if id(p) not in gate_ids],
-            "attention": gates,
+            **backbone_groups(branches),
             "localization": [*self.loc_net.parameters(), *self.loc_head.parameters()],
             "head": [*self.head.parameters(), *self.branch_heads.parameters()],
         }

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
 from finegrain.geometry import box_to_transform, crop, mask_box, square_box, square_copy
-from finegrain.models.attention import attention_maps, attention_parameters
+from finegrain.models.attention import attention_maps, backbone_groups
 from finegrain.models.backbones import create_backbone
 from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
@@ -85,7 +85,8 @@ class ObjectZoom(nn.Module):
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: list[int] | None = None,
                  whole_size: int | None = None, zoom_size: int = 224, min_side: float = 1 / 3):  # fmt: skip
         super().__init__()
-        for name, value in {"zoom_size": zoom_size, **({"whole_size": whole_size} if whole_size else {})}.items():
+        sizes = {"zoom_size": zoom_size} if whole_size is None else {"zoom_size": zoom_size, "whole_size": whole_size}
+        for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"ObjectZoom {name} must be a positive integer, got {value!r}")
         if not 0 < min_side <= 1:
@@ -99,10 +100,7 @@ class ObjectZoom(nn.Module):
 
     def lr_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by learning-rate group, as the baseline's: trunk, attention gates, head."""
-        gates = attention_parameters(self.backbone)
-        gate_ids = {id(p) for p in gates}
-        trunk = [p for p in self.backbone.parameters() if id(p) not in gate_ids]
-        return {"backbone": trunk, "attention": gates, "head": list(self.head.parameters())}
+        return {**backbone_groups(self.backbone), "head": list(self.head.parameters())}
 
     def classify_view(self, images: Tensor, name: str, maps: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The last-stage map and logits of one view; its attention gates' maps into `maps` as "<name>.<key>"."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain.data.cub import PART_REGIONS
 from finegrain.errors import FinegrainError
 from finegrain.evaluation.localization import LocalizationScore, box_statistics
 from finegrain.evaluation.metrics import accuracy_metrics
@@ -86,11 +87,13 @@ class ClassificationTask(pl.LightningModule):
             f"{stage}_{branch}": accuracy_metrics(num_classes, f"{stage}/" + (f"{branch}/" if branch else ""))
             for stage in STAGES for branch in ("", *branches)
         })  # fmt: skip
-        # Where each branch's boxes fall on the ground-truth bird box and part points, at validation and test.
+        # Where each branch's boxes fall on the ground-truth bird box and part points, at validation and test; a box
+        # named after a body region (an ST-CNN part called "head") is also asked whether it holds that region.
         box_names = getattr(self.network, "box_names", [])
-        self.localization = torch.nn.ModuleDict(
-            {f"{stage}_{name}": LocalizationScore() for stage in STAGES[1:] for name in box_names}
-        )
+        self.localization = torch.nn.ModuleDict({
+            f"{stage}_{name}": LocalizationScore(region=PART_REGIONS.get(name))
+            for stage in STAGES[1:] for name in box_names
+        })  # fmt: skip
 
     @property
     def num_classes(self) -> int:

@@ -15,28 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from finegrain.data.cub import PART_NAMES
+from finegrain.data.cub import PART_NAMES, PART_REGIONS
 from finegrain.errors import FinegrainError
-from finegrain.evaluation.localization import RegionScore
 from finegrain.geometry import keypoint_square
 from finegrain.models import STCNN, ModelOutput
 from finegrain.tasks.classification import ClassificationTask
 
 log = logging.getLogger(__name__)
-
-# Body regions a part can be trained to frame, as CUB part names (parts/parts.txt). Two parts: head and body;
-# four: head, the front (throat, breast, belly), the upperparts (back, wings) and the tail with the legs.
-REGIONS: dict[str, tuple[str, ...]] = {
-    "head": ("beak", "crown", "forehead", "left eye", "right eye", "nape", "throat"),
-    "body": ("back", "breast", "belly", "left wing", "right wing"),
-    "front": ("throat", "breast", "belly"),
-    "upperparts": ("back", "left wing", "right wing"),
-    "tail": ("tail", "left leg", "right leg"),
-}
-
-
-def region_indices(region: str) -> list[int]:
-    return [PART_NAMES.index(name) for name in REGIONS[region]]
 
 
 def part_box_loss(boxes: Tensor, parts: Tensor, visible: Tensor, region: str, margin: float, min_side: float,
@@ -44,7 +29,7 @@ def part_box_loss(boxes: Tensor, parts: Tensor, visible: Tensor, region: str, ma
     """L1 distance between predicted (B, 4) normalised xyxy boxes and the squares framing each image's visible
     keypoints of `region` (`keypoint_square`), averaged over the images where at least one is visible; with the
     count of those images. Images where the region is all invisible add nothing (and no gradient)."""
-    index = region_indices(region)
+    index = [PART_NAMES.index(name) for name in PART_REGIONS[region]]
     target, seen = keypoint_square(parts[:, index], visible[:, index], margin, min_side, max_side, aspect)
     per_image = F.l1_loss(boxes.float(), target, reduction="none").sum(-1)
     count = seen.sum()
@@ -55,7 +40,7 @@ class STNTask(ClassificationTask):
     """ClassificationTask for an `STCNN`, with the part-supervised start.
 
     Args (besides ClassificationTask's):
-        part_supervision: "cub-parts" (each part named after a region of `REGIONS` through the network's
+        part_supervision: "cub-parts" (each part named after a region of `PART_REGIONS` through the network's
             `part_names` learns to frame that region's visible keypoints for `supervision_epochs`, beside the
             classification loss) or "none" (the paper's label-only training). A dataset without part annotations
             falls back to "none", with one line saying so.
@@ -78,53 +63,23 @@ class STNTask(ClassificationTask):
         if part_supervision not in ("cub-parts", "none"):
             raise FinegrainError(f"part_supervision {part_supervision!r} is unknown; choose cub-parts or none")
         if part_supervision == "cub-parts":
-            unknown = [name for name in self.network.box_names if name not in REGIONS]
+            unknown = [name for name in self.network.box_names if name not in PART_REGIONS]
             if unknown:
                 raise FinegrainError(
                     f"part_supervision cub-parts needs every ST-CNN part named after a body region; {unknown} "
-                    f"are not regions: set model.network.init_args.part_names from {sorted(REGIONS)}, e.g. "
+                    f"are not regions: set model.network.init_args.part_names from {sorted(PART_REGIONS)}, e.g. "
                     "[head, body], or part_supervision none"
                 )
         self.supervise = part_supervision == "cub-parts"
         self.localization_slowed = False
-        # where each region-named part falls: does it hold a keypoint of its region (val/test)?
-        self.region_scores = torch.nn.ModuleDict({
-            f"{stage}_{name}": RegionScore(region_indices(name))
-            for stage in ("val", "test") for name in self.network.box_names if name in REGIONS
-        })  # fmt: skip
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        train = (getattr(datamodule, "datasets", None) or {}).get("train")
+        train = (getattr(self.trainer.datamodule, "datasets", None) or {}).get("train")
         if stage == "fit" and self.supervise and train is not None and not any(
                 record.parts[:, 2].any() for record in train.records):  # fmt: skip
             log.warning("the training data has no part annotations (parts/part_locs.txt): ST-CNN trains from "
                         "class labels alone (part_supervision none)")  # fmt: skip
             self.supervise = False
-
-    def log_results(self, output: ModelOutput, batch: dict, stage: str) -> None:
-        super().log_results(output, batch, stage)
-        for name, boxes in output.boxes.items():
-            key = f"{stage}_{name}"
-            if key in self.region_scores and "parts" in batch:
-                self.region_scores[key].update(boxes.detach(), batch["parts"], batch["part_visible"])
-
-    def _log_regions(self, stage: str) -> None:
-        for key, score in self.region_scores.items():
-            if key.startswith(f"{stage}_") and score.update_count:
-                name = key.removeprefix(f"{stage}_")
-                result = score.compute()
-                self.log_dict({f"{stage}/loc/{name}/holds_region": result["rate"],
-                               f"{stage}/loc/{name}/holds_region_chance": result["chance"]})  # fmt: skip
-                score.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._log_regions("val")
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._log_regions("test")
 
     def supervised_now(self) -> bool:
         return self.supervise and self.current_epoch < self.hparams.supervision_epochs
