@@ -150,11 +150,27 @@ def test_while_supervised_the_class_loss_does_not_move_the_boxes():
     assert network.loc_head.fc2.bias.grad.abs().sum() > 0
 
 
-def test_the_cpu_recipe_supervises_named_parts(capsys):
+@pytest.mark.parametrize(
+    "recipe, names",
+    [("stn_lite0_cub30", ["head", "body"]), ("stn_parts4_lite0_cub30", ["head", "front", "upperparts", "tail"])],
+)
+def test_the_cpu_recipes_supervise_named_parts(capsys, recipe, names):
     from finegrain.training import CONFIGS
 
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(CONFIGS / "stn_lite0_cub30.yaml"), "--print_config"])
+        main(["fit", "--config", str(CONFIGS / f"{recipe}.yaml"), "--print_config"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "finegrain.tasks.stn.STNTask" in out and "part_supervision: cub-parts" in out and "- head" in out
+    assert "finegrain.tasks.stn.STNTask" in out and "part_supervision: cub-parts" in out
+    listed = out.split("part_names:")[1].split()[: 2 * len(names)]
+    assert f"num_parts: {len(names)}" in out and listed == [x for name in names for x in ("-", name)]
+
+
+def test_the_four_part_split_covers_every_cub_keypoint():
+    four = ("head", "front", "upperparts", "tail")
+    assert set().union(*(PART_REGIONS[r] for r in four)) == set(PART_NAMES)
+    assert set().union(*(PART_REGIONS[r] for r in ("head", "body"))) == set(PART_NAMES) - {
+        "tail",
+        "left leg",
+        "right leg",
+    }
