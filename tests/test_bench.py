@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from finegrain.bench.accuracy import Budget, seed_means, summarize
-from finegrain.bench.plots import plot_reports
+from finegrain.bench.plots import plot_reports, speedups
 from finegrain.bench.recipes import BENCH_CONFIGS, BENCH_SETUP, build_task, load_recipe, merge, read_yaml
 from finegrain.bench.report import command_line, render_markdown
 from finegrain.bench.speed import Settings, phone_jpegs, run_speed
@@ -274,6 +274,30 @@ def test_markdown_and_plot_commands_read_the_json(tmp_path, capsys):
     for path in written:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 300
+
+
+def test_the_speedups_figure_puts_phone_and_onnx_ratios_of_several_reports_together(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    demo = {**speed_report(), "results": []}
+    phone_only = {key: value for key, value in demo.items() if key != "onnx"}
+    phone_only["phone"] = {**demo["phone"], "b1": {**demo["phone"]["b1"], "ratio": 3.01}}
+    assert speedups({"demo": demo, "racnn": phone_only}) == [
+        ("12 MP JPEG → top-5, batch 1 · demo", 4.884, 3.0),
+        ("12 MP JPEG → top-5, batch 1 · racnn", 3.01, 3.0),
+        ("ONNX Runtime, batch 1 · demo", 1.732, 1.5),
+        ("ONNX Runtime, batch 32 · demo", 6.05, 1.2),
+    ]
+    paths = []
+    for name, report in (("demo", demo), ("racnn", phone_only), ("accuracy", accuracy_report())):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert main(["bench", "plot", *map(str, paths[:2]), "--out", str(tmp_path / "img"), "--speedups", "ups"]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'img' / 'ups.png'}\n"
+    with Image.open(tmp_path / "img" / "ups.png") as image:
+        assert image.format == "PNG" and image.width > 300
+    assert [p.name for p in plot_reports(paths[:1], tmp_path / "one")] == ["demo.png"]  # a report of sections alone
+    assert main(["bench", "plot", str(paths[2]), "--speedups", "ups", "--out", str(tmp_path / "img")]) == 2
+    assert "none of these reports has a phone or onnx section" in capsys.readouterr().err
 
 
 def test_user_mistakes_are_clear_errors(tmp_path, capsys):

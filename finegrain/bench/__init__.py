@@ -70,7 +70,7 @@ def bench_serve(args: argparse.Namespace) -> int:
 def bench_plot(args: argparse.Namespace) -> int:
     from finegrain.bench.plots import plot_reports
 
-    for path in plot_reports(args.reports, args.out):
+    for path in plot_reports(args.reports, args.out, args.speedups):
         print(f"wrote {path}")
     return 0
 
@@ -138,6 +138,8 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     plot = sub.add_parser("plot", help="PNG figures of benchmark JSON reports")
     plot.add_argument("reports", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, default=Path("docs/img"))
+    plot.add_argument("--speedups", metavar="NAME", help="one figure NAME.png of the phone and ONNX speed-ups of "
+                      "all the given reports, one bar per report")  # fmt: skip
     plot.set_defaults(handler=bench_plot)
 
     markdown = sub.add_parser("markdown", help="benchmark JSON reports as markdown tables for docs/benchmarks.md")

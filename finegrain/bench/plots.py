@@ -1,4 +1,5 @@
-"""PNG figures of benchmark reports for the results page: accuracy per method, speed per method."""
+"""PNG figures of benchmark reports for the results page: accuracy per method, speed per method, and the speed-ups
+of the Predictor on phone photos and of ONNX Runtime across reports."""
 
 from __future__ import annotations
 
@@ -56,15 +57,63 @@ def plot_speed(report: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def plot_reports(paths: list[Path], out: Path) -> list[Path]:
-    """One PNG per report, named after its JSON file, in `out`."""
+# the sections of a speed report that compare one pipeline against its reference: (section, batch) -> label, and
+# the speed-up finegrain aims at there (docs/benchmarks.md, "Phone photos and ONNX Runtime")
+SPEEDUP_SECTIONS = {("phone", "b1"): ("12 MP JPEG → top-5, batch 1", 3.0),
+                    ("onnx", "b1"): ("ONNX Runtime, batch 1", 1.5),
+                    ("onnx", "b32"): ("ONNX Runtime, batch 32", 1.2)}  # fmt: skip
+
+
+def speedups(reports: dict[str, dict]) -> list[tuple[str, float, float]]:
+    """(label, ratio finegrain / reference, aim) of every section each report holds, section by section, the
+    reports in their order; the label is "<section label> · <report name>"."""
+    return [(f"{label} · {name}", report[section][batch]["ratio"], aim)
+            for (section, batch), (label, aim) in SPEEDUP_SECTIONS.items()
+            for name, report in reports.items() if section in report]  # fmt: skip
+
+
+def plot_speedups(reports: dict[str, dict], path: Path) -> None:
+    """A horizontal bar per report and section: how many times faster finegrain's path is than the reference's,
+    with the aim marked."""
+    rows = speedups(reports)
+    if not rows:
+        raise FinegrainError("none of these reports has a phone or onnx section; run `finegrain bench speed --only "
+                             "phone onnx --checkpoint CKPT --json FILE` first")  # fmt: skip
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise FinegrainError("finegrain bench plot needs matplotlib: pip install 'finegrain[bench]'") from None
+    figure = Figure(figsize=(8, 1.2 + 0.35 * len(rows)), layout="constrained")
+    axes = figure.subplots()
+    y = np.arange(len(rows))[::-1]
+    axes.barh(y, [ratio for _, ratio, _ in rows], color="tab:blue", label="finegrain / reference")
+    axes.scatter([aim for _, _, aim in rows], y, marker="|", s=300, color="tab:red", label="aim", zorder=3)
+    axes.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.set_yticks(y, [label for label, _, _ in rows], fontsize="small")
+    axes.set_xlabel("× the hand-written pipeline (images / s, CPU)")
+    axes.set_title("Speed-ups over the hand-written pipeline")
+    axes.set_xlim(0, 1.3 * max(max(ratio, aim) for _, ratio, aim in rows))
+    axes.legend(fontsize="small", loc="lower right")
+    figure.savefig(path, dpi=120)
+
+
+def plot_reports(paths: list[Path], out: Path, speedups_name: str | None = None) -> list[Path]:
+    """One PNG per report, named after its JSON file, in `out`; with `speedups_name`, the phone and ONNX sections of
+    all the speed reports go into one figure of that name instead, a bar group per section."""
     out.mkdir(parents=True, exist_ok=True)
+    if speedups_name:
+        target = out / f"{Path(speedups_name).stem}.png"
+        plot_speedups({Path(path).stem: read_json(path) for path in paths}, target)
+        return [target]
     written = []
     for path in paths:
         report = read_json(path)
-        if not report["results"]:
-            raise FinegrainError(f"{path} has no results to plot; rerun the benchmark with at least one recipe")
         target = out / f"{Path(path).stem}.png"
-        (plot_speed if report["kind"] == "speed" else plot_accuracy)(report, target)
+        if not report["results"] and any(section in report for section, _ in SPEEDUP_SECTIONS):
+            plot_speedups({Path(path).stem: report}, target)
+        elif not report["results"]:
+            raise FinegrainError(f"{path} has no results to plot; rerun the benchmark with at least one recipe")
+        else:
+            (plot_speed if report["kind"] == "speed" else plot_accuracy)(report, target)
         written.append(target)
     return written
