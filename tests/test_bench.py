@@ -90,6 +90,7 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
     onnx = report["onnx"]
     assert onnx["method"] == "Classifier" and onnx["images"] == 32 and onnx["same_top1"] == 32
     assert onnx["max_logit_difference"] < 1e-3 and onnx["max_box_difference"] == 0
+    assert 0 <= onnx["max_score_difference"] < 1e-4
     check_figure(onnx["b1"])
     check_figure(onnx["b32"])
     out_text = capsys.readouterr().out
@@ -201,7 +202,8 @@ def speed_report() -> dict:
                       "same_top1_as_whole": 5, "whole_same_top5": 0,
                       "b1": {"finegrain": side(29.5), "reference": side(6.04), "ratio": 4.884}},
             "onnx": {"checkpoint": "demo.ckpt", "img_size": 224, "method": "Classifier", "threads": 2,
-                     "max_logit_difference": 5.4e-6, "max_box_difference": 0.0, "same_top1": 32, "images": 32,
+                     "max_logit_difference": 5.4e-6, "max_score_difference": 2.1e-7,
+                     "max_box_difference": 0.0, "same_top1": 32, "images": 32,
                      "b1": {"finegrain": side(107.2), "reference": side(61.9), "ratio": 1.732},
                      "b32": {"finegrain": side(162.0), "reference": side(26.8), "ratio": 6.05}}}  # fmt: skip
 
@@ -229,7 +231,10 @@ def test_markdown_shows_command_machine_date_and_the_figures():
     assert "| 1 | 12.3 | 24.7 | ×0.50 |" in speed  # the Predictor against the timm pipeline
     assert "| 29.50 | 6.04 | ×4.88 | 7 / 4 | 5 / 1 |" in speed and "top-5 on 0:" in speed
     assert "| 1 | 107.2 | 61.9 | ×1.73 |\n| 32 | 162.0 | 26.8 | ×6.05 |" in speed
-    assert "Largest logit difference 5.4e-06, box difference 0.0e+00; same top-1 on 32 of 32 images." in speed
+    assert (
+        "Largest logit difference 5.4e-06, score (softmax) difference 2.1e-07, box difference 0.0e+00; same "
+        "top-1 on 32 of 32 images."
+    ) in speed
     assert "- skipped configs/bench/racnn.yaml: cannot be imported" in speed
 
     accuracy = render_markdown(accuracy_report())

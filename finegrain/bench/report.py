@@ -170,7 +170,8 @@ def _speed_tables(report: dict) -> list[str]:
                 for n in (1, 32)]  # fmt: skip
         lines += [f"ONNX Runtime on the exported graph against PyTorch eager, the network alone on preprocessed "
                   f"inputs ({onnx['method']}, {onnx['checkpoint']}, {onnx['img_size']} px, {onnx['threads']} "
-                  f"threads each): images/s. Largest logit difference {onnx['max_logit_difference']:.1e}, box "
+                  f"threads each): images/s. Largest logit difference {onnx['max_logit_difference']:.1e}, score "
+                  f"(softmax) difference {onnx.get('max_score_difference', float('nan')):.1e}, box "
                   f"difference {onnx['max_box_difference']:.1e}; same top-1 on {onnx['same_top1']} of "
                   f"{onnx['images']} images.", "",
                   _table(["batch", "ONNX Runtime", "PyTorch eager", "ratio"], rows), ""]  # fmt: skip

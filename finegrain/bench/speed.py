@@ -405,6 +405,8 @@ def onnx_speed(checkpoint: Path | None, settings: Settings) -> dict:
         result = {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}", "img_size": size,
                   "method": eager.config.method, "threads": torch.get_num_threads(),
                   "max_logit_difference": (answer.logits - reference.logits).abs().max().item(),
+                  # what a user reads: the Predictor's scores are these softmax probabilities
+                  "max_score_difference": (answer.logits.softmax(1) - reference.logits.softmax(1)).abs().max().item(),
                   "max_box_difference": max([(answer.boxes[k] - b).abs().max().item()
                                              for k, b in reference.boxes.items()], default=0.0),
                   "same_top1": int((answer.logits.argmax(1) == reference.logits.argmax(1)).sum()),
