@@ -387,3 +387,34 @@ def test_other_formats_are_reduced_by_a_whole_factor_that_keeps_min_side():
     assert (pixels == (10, 200, 30)).all()
     assert decode_photo(buffer.getvalue(), min_side=1000)[0].shape[:2] == (1500, 2000)  # under twice: whole
     assert decode_photo(buffer.getvalue())[0].shape[:2] == (1500, 2000)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_plain_jpeg_decodes_through_opencv_to_the_same_pixels_as_pil(tmp_path, monkeypatch, mode):
+    import cv2
+
+    calls = []
+    imdecode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: calls.append(1) or imdecode(*a))
+    noise = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    path = tmp_path / "plain.jpg"
+    Image.fromarray(noise).convert(mode).save(path, quality=85)
+    with Image.open(path) as image:
+        expected = np.array(image.convert("RGB"))
+    for source in (path, path.read_bytes()):
+        pixels = load_rgb(source)
+        assert pixels.flags.c_contiguous and pixels.flags.writeable and pixels.dtype == np.uint8
+        np.testing.assert_array_equal(pixels, expected)
+    assert len(calls) == 2
+
+
+def test_rotated_truncated_or_cmyk_jpegs_stay_with_pil(tmp_path, monkeypatch):
+    import cv2
+
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("OpenCV must not decode this JPEG"))
+    rotated = save_oriented(tmp_path / "six.jpg", marked(30, 20, block=4), 6, quality=95)
+    assert load_rgb(rotated).shape == (30, 20, 3)  # upright: the sides swapped
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        load_rgb(broken_jpeg(tmp_path / "cut.jpg"))  # no end marker: OpenCV would pad it silently
+    Image.new("CMYK", (8, 6), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    assert load_rgb(tmp_path / "cmyk.jpg").shape == (6, 8, 3)

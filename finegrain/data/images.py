@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
@@ -101,7 +102,8 @@ def decode_photo(source: str | Path | bytes | Image.Image | np.ndarray, *, min_s
         _check_shape(image.size, max_pixels, name)
         size = _upright_size(image)
         if min_side is None:
-            return _pil_to_rgb(image), size
+            pixels = _plain_jpeg(image, fp)
+            return (_pil_to_rgb(image) if pixels is None else pixels), size
         if isinstance(image, JpegImageFile):  # MPO, many cameras' format, is one too
             width, height = image.size
             factor = min_side / min(width, height)
@@ -144,6 +146,32 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
     width, height = image.size
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+# OpenCV >= 4.11 decodes straight to RGB; older builds decode BGR, swapped after
+_CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_CV2_FLAGS = (cv2.IMREAD_COLOR if _CV2_RGB is None else _CV2_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+def _plain_jpeg(image: Image.Image, fp: Path | io.BytesIO) -> np.ndarray | None:
+    """The pixels of a whole, upright RGB or greyscale JPEG, decoded by OpenCV straight into an array; None for
+    anything else (then PIL decodes it).
+
+    PIL hands its pixels to numpy through copies that cost about half as much as decoding a CUB-size photo;
+    OpenCV's libjpeg-turbo gives the same pixels (identical on all 1,701 CUB photos here; a test pins it) without
+    them. Only data ending in the JPEG end marker comes this way: OpenCV pads a truncated JPEG where PIL refuses it.
+    """
+    if not isinstance(image, JpegImageFile) or image.mode not in ("RGB", "L"):
+        return None
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):  # 0 and 1 are upright (exif_transpose)
+        return None
+    data = fp.getvalue() if isinstance(fp, io.BytesIO) else fp.read_bytes()
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
+    if pixels is None or pixels.shape != (image.height, image.width, 3):
+        return None
+    return pixels if _CV2_RGB is not None else np.ascontiguousarray(pixels[..., ::-1])
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:

@@ -71,7 +71,7 @@ def build_transform(preprocessing: dict, train: bool, augment: Augment | None = 
               ToTensorV2()]  # fmt: skip
     return A.Compose(
         steps,
-        keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
+        keypoint_params=A.KeypointParams(format="xy", remove_invisible=False, check_each_transform=False),
         seed=seed,
     )
 
