@@ -236,6 +236,9 @@ def test_markdown_shows_command_machine_date_and_the_figures():
         "top-1 on 32 of 32 images."
     ) in speed
     assert "- skipped configs/bench/racnn.yaml: cannot be imported" in speed
+    older = speed_report()
+    del older["onnx"]["max_score_difference"]  # a report written before the scores were compared
+    assert "Largest logit difference 5.4e-06, box difference 0.0e+00; same top-1" in render_markdown(older)
 
     accuracy = render_markdown(accuracy_report())
     assert "The same budget for every recipe: quick.yaml's epochs, 128 px input, seed 0." in accuracy

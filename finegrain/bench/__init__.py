@@ -139,7 +139,7 @@ def add_bench_commands(commands: argparse._SubParsersAction) -> None:
     plot.add_argument("reports", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, default=Path("docs/img"))
     plot.add_argument("--speedups", metavar="NAME", help="one figure NAME.png of the phone and ONNX speed-ups of "
-                      "all the given reports, one bar per report")  # fmt: skip
+                      "all the given reports, a bar per report and section, each aim marked")  # fmt: skip
     plot.set_defaults(handler=bench_plot)
 
     markdown = sub.add_parser("markdown", help="benchmark JSON reports as markdown tables for docs/benchmarks.md")

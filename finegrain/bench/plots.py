@@ -22,13 +22,13 @@ def _bars(axes, names: list[str], series: dict[str, list[float]], ylabel: str, t
     axes.legend(fontsize="small")
 
 
-def _figure(panels: int):
+def _figure(panels: int, size: tuple[float, float] | None = None):
     try:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     except ImportError:
         raise FinegrainError("finegrain bench plot needs matplotlib: pip install 'finegrain[bench]'") from None
 
-    figure = Figure(figsize=(5 * panels, 4), layout="constrained")
+    figure = Figure(figsize=size or (5 * panels, 4), layout="constrained")
     return figure, figure.subplots(1, panels, squeeze=False)[0]
 
 
@@ -79,12 +79,7 @@ def plot_speedups(reports: dict[str, dict], path: Path) -> None:
     if not rows:
         raise FinegrainError("none of these reports has a phone or onnx section; run `finegrain bench speed --only "
                              "phone onnx --checkpoint CKPT --json FILE` first")  # fmt: skip
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise FinegrainError("finegrain bench plot needs matplotlib: pip install 'finegrain[bench]'") from None
-    figure = Figure(figsize=(8, 1.2 + 0.35 * len(rows)), layout="constrained")
-    axes = figure.subplots()
+    figure, (axes,) = _figure(1, size=(8, 1.2 + 0.35 * len(rows)))
     y = np.arange(len(rows))[::-1]
     axes.barh(y, [ratio for _, ratio, _ in rows], color="tab:blue", label="finegrain / reference")
     axes.scatter([aim for _, _, aim in rows], y, marker="|", s=300, color="tab:red", label="aim", zorder=3)
@@ -98,8 +93,9 @@ def plot_speedups(reports: dict[str, dict], path: Path) -> None:
 
 
 def plot_reports(paths: list[Path], out: Path, speedups_name: str | None = None) -> list[Path]:
-    """One PNG per report, named after its JSON file, in `out`; with `speedups_name`, the phone and ONNX sections of
-    all the speed reports go into one figure of that name instead, a bar group per section."""
+    """One PNG per report, named after its JSON file, in `out` (a speed report of phone and ONNX sections alone gets
+    the speed-ups figure); with `speedups_name`, those sections of all the reports go into one figure of that name
+    instead, a bar per report and section."""
     out.mkdir(parents=True, exist_ok=True)
     if speedups_name:
         target = out / f"{Path(speedups_name).stem}.png"

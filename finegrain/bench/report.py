@@ -161,7 +161,8 @@ def _speed_tables(report: dict) -> list[str]:
                            f"{phone.get('same_top1_as_whole', '–')} / {phone.get('same_top5_as_whole', '–')}"]]),
                   "", f"Of {phone['photos']} photos. The Predictor on the whole decode has the reference's top-5 on "
                   f"{phone.get('whole_same_top5', '–')}: the rest of the difference is the resize filters "
-                  "(OpenCV's bilinear in the training pipeline, PIL's antialiased one in the reference).",
+                  "(OpenCV's, without antialiasing, in the training pipeline; PIL's antialiased one in the "
+                  "reference).",
                   ""]  # fmt: skip
     onnx = report.get("onnx")
     if onnx:
@@ -170,9 +171,10 @@ def _speed_tables(report: dict) -> list[str]:
                 for n in (1, 32)]  # fmt: skip
         lines += [f"ONNX Runtime on the exported graph against PyTorch eager, the network alone on preprocessed "
                   f"inputs ({onnx['method']}, {onnx['checkpoint']}, {onnx['img_size']} px, {onnx['threads']} "
-                  f"threads each): images/s. Largest logit difference {onnx['max_logit_difference']:.1e}, score "
-                  f"(softmax) difference {onnx.get('max_score_difference', float('nan')):.1e}, box "
-                  f"difference {onnx['max_box_difference']:.1e}; same top-1 on {onnx['same_top1']} of "
+                  f"threads each): images/s. Largest logit difference {onnx['max_logit_difference']:.1e}, "
+                  + (f"score (softmax) difference {onnx['max_score_difference']:.1e}, "
+                     if "max_score_difference" in onnx else "")  # reports before it was measured
+                  + f"box difference {onnx['max_box_difference']:.1e}; same top-1 on {onnx['same_top1']} of "
                   f"{onnx['images']} images.", "",
                   _table(["batch", "ONNX Runtime", "PyTorch eager", "ratio"], rows), ""]  # fmt: skip
     return lines

@@ -1,8 +1,8 @@
 """The one image decoding path for training and inference: any file, bytes, PIL image or array to RGB uint8.
 
-Every format Pillow reads, and HEIC/HEIF through pillow-heif; a whole, upright RGB or greyscale JPEG goes through
-OpenCV instead, to the same pixels with fewer copies (`_plain_jpeg`). Conversion rules, so that every source
-gives the same pixels:
+Every format Pillow reads, and HEIC/HEIF through pillow-heif; a whole, upright RGB or greyscale JPEG decoded at
+full size (training, checks) goes through OpenCV instead, to the same pixels with fewer copies (`_plain_jpeg`).
+Conversion rules, so that every source gives the same pixels:
 
 - EXIF orientation is applied (all 8 orientations); the result is upright.
 - Transparency (alpha bands, palette or grey/RGB ``transparency`` keys) is composited over white.

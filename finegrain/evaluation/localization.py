@@ -100,7 +100,7 @@ class LocalizationScore(Metric):
             counted = seen_in_region.any(1)
             holds = (hits[:, self.region].bool() & seen_in_region).any(1)
             chance = holds_any_chance(extent, parts[:, self.region], seen_in_region)
-            self.region_hits += torch.stack(((holds & counted).float().sum(), (chance * counted).sum()))
+            self.region_hits += torch.stack((holds.float().sum(), (chance * counted).sum()))  # holds implies counted
             self.region_count += counted.sum()
 
     def compute(self) -> dict[str, Tensor]:
