@@ -85,7 +85,15 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
     check_figure(predictor["b32"])
     phone = report["phone"]
     assert phone["source_size"] == [4032, 3024] and phone["photos"] == 8 and phone["decode_side"] >= phone["img_size"]
-    assert {"same_top1", "same_top5", "same_top1_as_whole", "same_top5_as_whole", "whole_same_top5"} <= set(phone)
+    agreement = {
+        "same_top1",
+        "same_top5",
+        "same_top5_set",
+        "same_top1_as_whole",
+        "same_top5_as_whole",
+        "whole_same_top5",
+    }
+    assert agreement <= set(phone) and phone["same_top5"] <= phone["same_top5_set"]
     check_figure(phone["b1"])
     onnx = report["onnx"]
     assert onnx["method"] == "Classifier" and onnx["images"] == 32 and onnx["same_top1"] == 32
@@ -198,7 +206,7 @@ def speed_report() -> dict:
                      "train_sample": {"finegrain": side(150.0), "reference": side(100.0), "ratio": 1.5}},
             "predictor": {"checkpoint": "fresh test_resnet", "img_size": 224, "b1": figure, "b32": figure},
             "phone": {"checkpoint": "demo.ckpt", "img_size": 224, "source_size": [4032, 3024], "jpeg_kb": 845.0,
-                      "decode_side": 224, "photos": 8, "same_top5": 4, "same_top1": 7, "same_top5_as_whole": 1,
+                      "decode_side": 224, "photos": 8, "same_top5": 4, "same_top5_set": 6, "same_top1": 7, "same_top5_as_whole": 1,
                       "same_top1_as_whole": 5, "whole_same_top5": 0,
                       "b1": {"finegrain": side(29.5), "reference": side(6.04), "ratio": 4.884}},
             "onnx": {"checkpoint": "demo.ckpt", "img_size": 224, "method": "Classifier", "threads": 2,
@@ -228,6 +236,7 @@ def test_markdown_shows_command_machine_date_and_the_figures():
     row = "| stn | stn | efficientnet_lite0 | 160 | 16 | 12.3 (×0.50) | 12.3 (×0.50) | 12.3 (×1.25) | 250 (200) |"
     assert row in speed
     assert "| torchvision transforms v2 (decode_jpeg, image only) | 100.0 |\n| ratio | ×1.50 |" in speed
+    assert "Of 8 photos (the same five species as the reference, in any order, on 6)." in speed
     assert "| 1 | 12.3 | 24.7 | ×0.50 |" in speed  # the Predictor against the timm pipeline
     assert "| 29.50 | 6.04 | ×4.88 | 7 / 4 | 5 / 1 |" in speed and "top-5 on 0:" in speed
     assert "| 1 | 107.2 | 61.9 | ×1.73 |\n| 32 | 162.0 | 26.8 | ×6.05 |" in speed

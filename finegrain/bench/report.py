@@ -159,7 +159,10 @@ def _speed_tables(report: dict) -> list[str]:
                          [[f"{fig['finegrain']['images_per_s']:.2f}", f"{fig['reference']['images_per_s']:.2f}",
                            f"×{fig['ratio']:.2f}", f"{phone.get('same_top1', '–')} / {phone['same_top5']}",
                            f"{phone.get('same_top1_as_whole', '–')} / {phone.get('same_top5_as_whole', '–')}"]]),
-                  "", f"Of {phone['photos']} photos. The Predictor on the whole decode has the reference's top-5 on "
+                  "", f"Of {phone['photos']} photos"
+                  + (f" (the same five species as the reference, in any order, on {phone['same_top5_set']})"
+                     if "same_top5_set" in phone else "")  # reports before it was measured
+                  + ". The Predictor on the whole decode has the reference's top-5 on "
                   f"{phone.get('whole_same_top5', '–')}: the rest of the difference is the resize filters "
                   "(OpenCV's, without antialiasing, in the training pipeline; PIL's antialiased one in the "
                   "reference).",

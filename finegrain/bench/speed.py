@@ -378,6 +378,7 @@ def phone_speed(checkpoint: Path | None, settings: Settings, jpegs: list[bytes])
                 "img_size": predictor.config.preprocessing["img_size"], "source_size": list(PHONE_IMAGE_SIZE),
                 "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024, "decode_side": predictor.decode_side,
                 "photos": len(jpegs), "same_top5": _agree(reduced, theirs), "same_top1": _agree(reduced, theirs, 1),
+                "same_top5_set": sum(set(x) == set(y) for x, y in zip(reduced, theirs, strict=True)),
                 "same_top5_as_whole": _agree(reduced, whole), "same_top1_as_whole": _agree(reduced, whole, 1),
                 "whole_same_top5": _agree(whole, theirs),
                 "b1": figure(_measure(predict, batches, steps), _measure(reference, batches, steps))}  # fmt: skip

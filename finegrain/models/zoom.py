@@ -5,7 +5,7 @@ Visual Categorization", MMM 2021): sum the channels of the last stage's activati
 its mean, take the largest connected region; its bounding box is the object. No box regressor, no new parameters,
 one extra forward pass: the same backbone and classifier see the whole image and the object crop, are trained on
 both, and their logits are fused. The crop is sampled from the full-resolution input, never from the downscaled
-whole view. docs/zoom.md has the design choices and the figures.
+whole view. docs/methods.md ("Object zoom") has the design choices, docs/benchmarks.md the figures.
 """
 
 from __future__ import annotations
