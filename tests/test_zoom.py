@@ -11,7 +11,6 @@ from finegrain.cli import main
 from finegrain.errors import FinegrainError
 from finegrain.geometry import mask_box, square_box
 from finegrain.models import ObjectZoom
-from finegrain.models.backbones import previous_block
 from finegrain.models.zoom import largest_region, object_region
 from finegrain.predict import Predictor
 from finegrain.training import CONFIGS
@@ -93,41 +92,6 @@ def test_object_region_of_a_hand_made_activation_map():
     torch.testing.assert_close(box, torch.tensor([[2 / 7, 1 / 14, 6 / 7, 9 / 14]]))
 
 
-def test_the_two_map_region_is_the_intersection_and_falls_back_to_the_last_map():
-    """MMAL-Net's AOLM: the last map's region cut by the previous block's; disjoint regions keep the last map's."""
-    last = torch.zeros(2, 1, 7, 7)
-    last[:, 0, 1:5, 1:6] = 1.0  # rows 1-4, columns 1-5
-    previous = torch.zeros(2, 3, 14, 14)  # twice the size: pooled to 7 x 7 first
-    previous[0, :, 4:12, 6:14] = 1.0  # rows 2-5, columns 3-6 after pooling
-    previous[1, :, 12:14, 0:2] = 1.0  # row 6, column 0: does not meet the last map's region
-    region = object_region(last, previous)
-    expected = torch.zeros(2, 7, 7, dtype=torch.bool)
-    expected[0, 2:5, 3:6] = True  # rows 2-4, columns 3-5
-    expected[1, 1:5, 1:6] = True
-    assert torch.equal(region, expected)
-    assert torch.equal(object_region(last), expected[[1, 1]])
-
-
-@pytest.mark.parametrize("backbone", ["test_resnet", "efficientnet_lite0", "resnet18"])
-def test_the_previous_block_map_reaches_the_box(backbone):
-    """`last-two` hooks the block before the last map (EfficientNet: the last stage before conv_head; ResNets: the
-    second-to-last block) and hands its whole-view map to the box; the object view's map is not kept."""
-    torch.manual_seed(0)
-    model = ObjectZoom(num_classes=3, backbone=backbone, zoom_size=32, region_maps="last-two").eval()
-    block = previous_block(model.backbone)
-    expected = {"test_resnet": "layer3.0", "efficientnet_lite0": "blocks.6", "resnet18": "layer4.0"}[backbone]
-    assert block is model.backbone.get_submodule(expected)
-    outputs, seen = [], []
-    block.register_forward_hook(lambda module, inputs, output: outputs.append(output))
-    model.object_box = lambda feature_map, aspect, previous_map: (
-        seen.append(previous_map) or torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    )
-    model(torch.rand(1, 3, 64, 64))
-    assert len(outputs) == 2 and seen == [outputs[0]]  # the whole view's map (the first of the two views)
-    assert model._previous_map is None
-    assert ObjectZoom(num_classes=3, backbone=backbone, zoom_size=32)._previous_map is None  # "last": no hook
-
-
 def test_the_crop_is_sampled_from_the_full_input_and_logits_are_fused():
     """The whole view is a 64 px copy of the 128 px input; the object crop comes from the input itself."""
     torch.manual_seed(0)
@@ -135,7 +99,7 @@ def test_the_crop_is_sampled_from_the_full_input_and_logits_are_fused():
     inputs = []
     features = model.backbone.forward_features
     model.backbone.forward_features = lambda x: inputs.append(x) or features(x)
-    model.object_box = lambda feature_map, aspect, *_: torch.tensor([[0.25, 0.5, 0.5, 0.75]] * len(feature_map))
+    model.object_box = lambda feature_map, aspect: torch.tensor([[0.25, 0.5, 0.5, 0.75]] * len(feature_map))
     image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     out = model(image)
     torch.testing.assert_close(inputs[0], F.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False))
@@ -181,8 +145,7 @@ def test_lr_groups_cover_every_parameter_once():
     ("kwargs", "message"),
     [({"min_side": 0}, "min_side must be in \\(0, 1\\]"), ({"zoom_size": 0}, "zoom_size must be a positive integer"),
      ({"whole_size": -3}, "whole_size must be a positive integer"),
-     ({"whole_size": 0}, "whole_size must be a positive integer"),
-     ({"region_maps": "first"}, "region_maps must be one of last, last-two")],
+     ({"whole_size": 0}, "whole_size must be a positive integer")],
 )  # fmt: skip
 def test_bad_settings_get_clear_errors(kwargs, message):
     with pytest.raises(FinegrainError, match=message):
@@ -195,7 +158,7 @@ def test_boxes_map_to_the_photograph(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "zoom.ckpt", method=ZOOM, attention="none",
                                   preprocessing={**PREPROCESSING, "crop_pct": 1.0})  # fmt: skip
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-    predictor.network.object_box = lambda feature_map, aspect, *_: torch.tensor([[0.25, 0.5, 0.5, 0.75]])
+    predictor.network.object_box = lambda feature_map, aspect: torch.tensor([[0.25, 0.5, 0.5, 0.75]])
     explanation = predictor.explain(photo(200, 100, 0))
     assert explanation.boxes["object"] == pytest.approx((75.0, 50.0, 100.0, 75.0), abs=0.5)
     assert explanation.crops["object"].size == (25, 25)

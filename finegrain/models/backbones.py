@@ -103,27 +103,6 @@ def _check_fits(name: str, state_dict: dict[str, Tensor], source: str, num_class
     return file_classes
 
 
-def previous_block(model: nn.Module) -> nn.Module:
-    """The block of a timm CNN whose output comes just before the map `forward_features` returns.
-
-    With a head convolution after the last stage (EfficientNet's conv_head) that is the last stage; otherwise the
-    last stage's second-to-last block (ResNet-50's conv5_b), or the previous stage's last block where the last
-    stage holds one. MMAL-Net's AOLM intersects the object masks of these two maps.
-    """
-    info = getattr(model, "feature_info", None)
-    stages = [entry["module"] for entry in info] if isinstance(info, list) and info else []
-    if not stages:
-        raise FinegrainError(f"{type(model).__name__} lists no stages (timm feature_info): the two-map object "
-                             "region needs a timm CNN such as efficientnet_lite0 or resnet50")  # fmt: skip
-    last = model.get_submodule(stages[-1])
-    if info[-1]["num_chs"] != model.num_features:
-        return last
-    blocks = [block for name in stages for block in model.get_submodule(name).children()]
-    if len(blocks) < 2:
-        raise FinegrainError(f"{type(model).__name__} has one block: no map before its last for the two-map region")
-    return blocks[-2]
-
-
 def preprocessing_config(name: str, img_size: int | None = None) -> dict:
     """Mean, std, img_size, crop_pct and interpolation from `name`'s pretrained cfg; builds no model."""
     _check_name(name)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from finegrain.errors import FinegrainError
 from finegrain.geometry import box_to_transform, crop, mask_box, square_box, square_copy
 from finegrain.models.attention import attention_maps, backbone_groups
-from finegrain.models.backbones import create_backbone, previous_block
+from finegrain.models.backbones import create_backbone
 from finegrain.models.registry import register_network
 from finegrain.models.result import ModelOutput
 
@@ -46,25 +46,8 @@ def largest_region(mask: Tensor) -> Tensor:
     return ((labels == best) & (labels > 0)).view(batch, height, width)
 
 
-REGION_MAPS = ("last", "last-two")
-
-
-def object_region(feature_map: Tensor, previous_map: Tensor | None = None) -> Tensor:
-    """(B, C, h, w) -> (B, h, w) bool: the largest connected region of the channel sum above its own mean.
-
-    With `previous_map` (the block before, pooled to the same h x w) the region is MMAL-Net's AOLM in full: the
-    intersection of both maps' regions, which trims cells only one map finds. Where the two do not meet, the
-    last map's region stands.
-    """
-    region = _region_above_mean(feature_map)
-    if previous_map is None:
-        return region
-    previous = _region_above_mean(F.adaptive_avg_pool2d(previous_map.detach().float(), region.shape[-2:]))
-    both = region & previous
-    return torch.where(both.flatten(1).any(1)[:, None, None], both, region)
-
-
-def _region_above_mean(feature_map: Tensor) -> Tensor:
+def object_region(feature_map: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h, w) bool: the largest connected region of the channel sum above its own mean."""
     response = activation_sum(feature_map)
     return largest_region(response > response.mean((1, 2), keepdim=True))
 
@@ -85,8 +68,6 @@ class ObjectZoom(nn.Module):
         zoom_size: side in pixels of the object crop.
         min_side: the object box's smallest side, as a fraction of the input's shorter side: published zooms
             lose accuracy on crops smaller than about a third of the image (../shared/docs/methods.md).
-        region_maps: "last" takes the object region from the last map alone; "last-two" intersects it with the
-            region of the block before (`previous_block`), as MMAL-Net's AOLM does (conv5_c and conv5_b).
 
     The object box is the region's bounding box widened to a square (in pixels) around its centre and shifted
     inside the image: a crop resized to a square input is not distorted and keeps the bird's ends. Where the
@@ -102,8 +83,7 @@ class ObjectZoom(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: list[int] | None = None,
-                 whole_size: int | None = None, zoom_size: int = 224, min_side: float = 1 / 3,
-                 region_maps: str = "last"):  # fmt: skip
+                 whole_size: int | None = None, zoom_size: int = 224, min_side: float = 1 / 3):  # fmt: skip
         super().__init__()
         sizes = {"zoom_size": zoom_size} if whole_size is None else {"zoom_size": zoom_size, "whole_size": whole_size}
         for name, value in sizes.items():
@@ -112,20 +92,11 @@ class ObjectZoom(nn.Module):
         if not 0 < min_side <= 1:
             raise FinegrainError(f"ObjectZoom min_side must be in (0, 1] (a fraction of the image side), got "
                                  f"{min_side!r}; the default is 1/3")  # fmt: skip
-        if region_maps not in REGION_MAPS:
-            raise FinegrainError(f"ObjectZoom region_maps must be one of {', '.join(REGION_MAPS)}, got "
-                                 f"{region_maps!r}")  # fmt: skip
         self.whole_size, self.zoom_size, self.min_side = whole_size, zoom_size, min_side
         self.backbone = create_backbone(backbone, weights=weights, num_classes=0, attention=attention,
                                         attention_stages=attention_stages)  # fmt: skip
-        self._previous_map: Tensor | None = None
-        if region_maps == "last-two":
-            previous_block(self.backbone).register_forward_hook(self._keep_previous_map)
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(getattr(self.backbone, "head_hidden_size", self.backbone.num_features), num_classes)
-
-    def _keep_previous_map(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self._previous_map = output
 
     def lr_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by learning-rate group, as the baseline's: trunk, attention gates, head."""
@@ -143,18 +114,16 @@ class ObjectZoom(nn.Module):
         logits = self.head(self.dropout(self.backbone.forward_head(feature_map, pre_logits=True)))
         return feature_map, logits
 
-    def object_box(self, feature_map: Tensor, aspect: float, previous_map: Tensor | None = None) -> Tensor:
+    def object_box(self, feature_map: Tensor, aspect: float) -> Tensor:
         """(B, 4) normalised xyxy box of the object in an input of width / height `aspect` (whole image when none)."""
-        return square_box(mask_box(object_region(feature_map, previous_map)), self.min_side, aspect)
+        return square_box(mask_box(object_region(feature_map)), self.min_side, aspect)
 
     def forward(self, images: Tensor) -> ModelOutput:
         maps: dict[str, Tensor] = {}
         feature_map, whole_logits = self.classify_view(square_copy(images, self.whole_size), "whole", maps)
-        previous_map, self._previous_map = self._previous_map, None  # the whole view's, when kept
-        box = self.object_box(feature_map, images.shape[-1] / images.shape[-2], previous_map)
+        box = self.object_box(feature_map, images.shape[-1] / images.shape[-2])
         zoom = crop(images, box_to_transform(box), (self.zoom_size, self.zoom_size))
         _, object_logits = self.classify_view(zoom, "object", maps)
-        self._previous_map = None  # the object view's: not kept past this call
         response = activation_sum(feature_map)
         low, high = response.amin((1, 2), keepdim=True), response.amax((1, 2), keepdim=True)
         maps["whole.activation"] = (response - low) / (high - low).clamp(min=1e-12)
