@@ -39,11 +39,13 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=448)
     parser.add_argument("--view-size", type=int, default=224)
     args = parser.parse_args()
-    data = CUBDataModule(root=args.root, classes=args.classes, img_size=args.input_size, batch_size=50,
-                         num_workers=1)  # fmt: skip
-    data.setup("test")
     for path in args.checkpoints:
-        network = Predictor.from_checkpoint(path, device="cpu").network.eval()
+        predictor = Predictor.from_checkpoint(path, device="cpu")
+        network = predictor.network.eval()
+        # the checkpoint's own normalisation and resize, at the zoom recipe's input size
+        data = CUBDataModule(root=args.root, classes=args.classes, preprocessing=predictor.config.preprocessing,
+                             img_size=args.input_size, batch_size=50, num_workers=1)  # fmt: skip
+        data.setup("test")
         hits, count = {"whole": 0, "centre": 0, "fused": 0}, 0
         with torch.inference_mode():
             for batch in data.test_dataloader():
