@@ -142,11 +142,15 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def _upright_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) once the EXIF orientation is applied, from the header alone."""
+    width, height = image.size
+    return (height, width) if _orientation(image) in _SWAPPING_ORIENTATIONS else (width, height)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1, upright, when absent), from the header alone."""
     # PngImageFile.getexif decodes the whole image when no eXIf chunk precedes the pixels; the base
     # method reads only what open() parsed, which is where the orientation lives in practice.
-    orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
-    width, height = image.size
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+    return Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
 
 
 # OpenCV >= 4.11 decodes straight to RGB; older builds decode BGR, swapped after
@@ -164,7 +168,7 @@ def _plain_jpeg(image: Image.Image, fp: Path | io.BytesIO) -> np.ndarray | None:
     """
     if not isinstance(image, JpegImageFile) or image.mode not in ("RGB", "L"):
         return None
-    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):  # 0 and 1 are upright (exif_transpose)
+    if _orientation(image) in range(2, 9):  # 0 and 1 are upright (exif_transpose)
         return None
     data = fp.getvalue() if isinstance(fp, io.BytesIO) else fp.read_bytes()
     if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
