@@ -116,7 +116,8 @@ class Predictor:
 
     def decode(self, source: ImageSource, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         """Pixels for this model and the photo's own (width, height); a large JPEG decodes at a reduced size."""
-        return decode_photo(source, min_side=self.decode_side, max_pixels=max_pixels)
+        interpolation = self.config.preprocessing.get("interpolation", "bilinear")
+        return decode_photo(source, min_side=self.decode_side, max_pixels=max_pixels, interpolation=interpolation)
 
     def explain_decoded(self, photos: Sequence[tuple[np.ndarray, tuple[int, int]]], top_k: int = 5,
                         source: str = "<bytes>") -> list[Explanation]:  # fmt: skip

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from PIL.JpegImagePlugin import JpegImageFile
 
 from finegrain.data.images import ImageDecodeError, check_image, decode_photo, image_size, load_rgb
 from finegrain.errors import FinegrainError
@@ -361,31 +362,41 @@ def _jpeg(width: int, height: int, orientation: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("min_side", "decoded"), [(256, (500, 375)), (180, (250, 188)), (400, (1000, 750)),
-                                                   (1500, (2000, 1500)), (None, (2000, 1500)),
-                                                   (60, (84, 63))])  # fmt: skip
-def test_a_large_jpeg_decodes_at_the_smallest_dct_scale_that_keeps_min_side(min_side, decoded):
+# min_side, decoded (width, height), the size asked of libjpeg's DCT scaling (None: no reduction)
+REDUCED_DECODES = [(256, (341, 256), (342, 256)), (180, (240, 180), (240, 180)), (400, (533, 400), (534, 400)),
+                   (750, (1000, 750), (1000, 750)), (751, (2000, 1500), None), (None, (2000, 1500), None),
+                   (60, (80, 60), (80, 60))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("min_side", "decoded", "draft"), REDUCED_DECODES)
+def test_a_photo_twice_min_side_decodes_at_a_dct_scale_then_resizes_to_min_side(min_side, decoded, draft, monkeypatch):
+    asked = []
+    monkeypatch.setattr(JpegImageFile, "draft", lambda self, mode, size, _draft=JpegImageFile.draft: (
+        asked.append(size), _draft(self, mode, size))[1])  # fmt: skip
     pixels, size = decode_photo(_jpeg(2000, 1500), min_side=min_side)
     assert size == (2000, 1500)
-    assert (pixels.shape[1], pixels.shape[0]) == decoded  # 1/4, 1/8, 1/2, whole, whole, 1/8 then a third
+    assert (pixels.shape[1], pixels.shape[0]) == decoded  # shorter side min_side, longer as torchvision's Resize
+    assert asked == ([draft] if draft else [])  # libjpeg picks the smallest scale that covers the size asked
     assert pixels.dtype == np.uint8 and pixels.flags.c_contiguous
 
 
-def test_a_reduced_decode_is_upright_and_reports_the_upright_size():
+def test_a_reduced_decode_is_upright_and_close_to_the_whole_decode_resized_by_pil():
     pixels, size = decode_photo(_jpeg(2000, 1500, orientation=6), min_side=256)
-    assert size == (1500, 2000) and pixels.shape[:2] == (500, 375)
-    full = load_rgb(_jpeg(2000, 1500, orientation=6))
-    reduced = np.asarray(Image.fromarray(full).resize((375, 500), Image.Resampling.BOX), dtype=np.float32)
-    assert np.abs(reduced - pixels).mean() < 3  # the DCT scaling is a box-like filter of the same picture
+    assert size == (1500, 2000) and pixels.shape[:2] == (341, 256)
+    full = Image.fromarray(load_rgb(_jpeg(2000, 1500, orientation=6)))
+    for interpolation, resample in (("bicubic", Image.Resampling.BICUBIC), ("bilinear", Image.Resampling.BILINEAR)):
+        pixels = decode_photo(_jpeg(2000, 1500, orientation=6), min_side=256, interpolation=interpolation)[0]
+        reference = np.asarray(full.resize((256, 341), resample), dtype=np.float32)
+        assert np.abs(reference - pixels).mean() < 0.5  # a hand-written PIL pipeline's pixels, within half a level
 
 
-def test_other_formats_are_reduced_by_a_whole_factor_that_keeps_min_side():
+def test_other_formats_are_resized_to_min_side_and_small_photos_stay_whole():
     buffer = io.BytesIO()
     Image.new("RGB", (2000, 1500), (10, 200, 30)).save(buffer, format="PNG")
     pixels, size = decode_photo(buffer.getvalue(), min_side=64)
-    assert pixels.shape[:2] == (66, 87) and size == (2000, 1500)  # 1500 // 64 = 23: ceil(1500 / 23) rows
+    assert pixels.shape[:2] == (64, 85) and size == (2000, 1500)
     assert (pixels == (10, 200, 30)).all()
-    assert decode_photo(buffer.getvalue(), min_side=1000)[0].shape[:2] == (1500, 2000)  # under twice: whole
+    assert decode_photo(buffer.getvalue(), min_side=751)[0].shape[:2] == (1500, 2000)  # under twice: whole
     assert decode_photo(buffer.getvalue())[0].shape[:2] == (1500, 2000)
 
 

@@ -430,10 +430,10 @@ def test_a_large_jpeg_is_decoded_small_and_its_boxes_are_in_the_photos_own_pixel
     reduced = predictor.explain(path)
     whole = predictor.explain(load_rgb(path))  # an array: decoded whole
     assert predictor.decode_side == 73  # 64 px input / crop_pct 0.875
-    # 1/8 of the side by the DCT scaling, then halved: 150 rows are still twice the 73 the input needs
-    assert reduced.image.shape[:2] == (75, 100) and reduced.photo_size == (1600, 1200)
-    assert reduced.image_scale == pytest.approx(1 / 16) and whole.image_scale == 1
-    assert reduced.input_box == pytest.approx(whole.input_box, abs=16)  # one reduced pixel is 16 photo pixels
+    # 1/8 of the side by the DCT scaling (150 rows), then resized to the 73 rows the input needs
+    assert reduced.image.shape[:2] == (73, 97) and reduced.photo_size == (1600, 1200)
+    assert reduced.image_scale == pytest.approx(97 / 1600) and whole.image_scale == 1
+    assert reduced.input_box == pytest.approx(whole.input_box, abs=17)  # one reduced pixel is 16.5 photo pixels
     for name, box in whole.boxes.items():
         assert reduced.boxes[name] == pytest.approx(box, abs=0.02 * 1600)
     assert reduced.crops["scale2"].size[0] == pytest.approx(whole.crops["scale2"].size[0] / 16, abs=2)
