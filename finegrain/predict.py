@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from finegrain.data.images import MAX_PIXELS, decode_photo
-from finegrain.data.transforms import build_transform, eval_resize_side, input_frame
+from finegrain.data.transforms import PIL_FILTERS, build_transform, eval_resize_side, input_frame, interpolation_name
 from finegrain.errors import FinegrainError
 from finegrain.explain import Explanation
 from finegrain.geometry import InputFrame, input_box_to_photo, round_box
@@ -115,9 +115,9 @@ class Predictor:
         return eval_resize_side(self.config.preprocessing)
 
     def decode(self, source: ImageSource, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
-        """Pixels for this model and the photo's own (width, height); a large JPEG decodes at a reduced size."""
-        interpolation = self.config.preprocessing.get("interpolation", "bilinear")
-        return decode_photo(source, min_side=self.decode_side, max_pixels=max_pixels, interpolation=interpolation)
+        """Pixels for this model and the photo's own (width, height); a large photo decodes at a reduced size."""
+        resample = PIL_FILTERS[interpolation_name(self.config.preprocessing)]
+        return decode_photo(source, min_side=self.decode_side, max_pixels=max_pixels, resample=resample)
 
     def explain_decoded(self, photos: Sequence[tuple[np.ndarray, tuple[int, int]]], top_k: int = 5,
                         source: str = "<bytes>") -> list[Explanation]:  # fmt: skip

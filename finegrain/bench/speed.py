@@ -364,7 +364,8 @@ def phone_jpegs(count: int, sources: list[Path] | None = None) -> list[bytes]:
 
 def phone_speed(checkpoint: Path | None, settings: Settings, jpegs: list[bytes]) -> dict:
     """Batch-1 latency on 12-megapixel JPEGs: the Predictor (which decodes a JPEG at the smallest DCT scale the
-    input needs) against the hand-written pipeline (full decode, then resize), and whether their top-5 agree."""
+    input needs, then resizes it as PIL does) against the hand-written pipeline (full decode, then PIL's resize),
+    and whether their top-5 agree."""
     from finegrain.data.images import load_rgb
 
     with _pipelines(checkpoint, settings) as (predictor, predict, reference):

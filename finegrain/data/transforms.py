@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
 
 from finegrain.data.cub import PART_NAMES
 from finegrain.geometry import (
@@ -28,6 +29,9 @@ from finegrain.geometry import (
 
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
                   "area": cv2.INTER_AREA}  # fmt: skip
+# Pillow's antialiased filters of the same names: a large photo is reduced with them before the eval transform
+PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+               "nearest": Image.Resampling.NEAREST, "area": Image.Resampling.BOX}  # fmt: skip
 # 0-based part indices swapped by a horizontal flip: (left eye, right eye), (left leg, ...), (left wing, ...)
 MIRRORED_PARTS = [(PART_NAMES.index(f"left {p}"), PART_NAMES.index(f"right {p}")) for p in ("eye", "leg", "wing")]
 
@@ -42,6 +46,11 @@ class Augment:
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
 
 
+def interpolation_name(preprocessing: dict) -> str:
+    """The resize filter a checkpoint's preprocessing names (a key of INTERPOLATIONS and PIL_FILTERS)."""
+    return preprocessing.get("interpolation", "bilinear")
+
+
 def eval_resize_side(preprocessing: dict) -> int:
     """The shorter side a photo is resized to before the eval centre crop (img_size / crop_pct)."""
     return int(round(int(preprocessing["img_size"]) / float(preprocessing.get("crop_pct", 1.0))))
@@ -54,7 +63,7 @@ def build_transform(preprocessing: dict, train: bool, augment: Augment | None = 
     albumentations keeps its own RNG, which global seeds do not reach: `seed` seeds it.
     """
     size = int(preprocessing["img_size"])
-    interpolation = INTERPOLATIONS[preprocessing.get("interpolation", "bilinear")]
+    interpolation = INTERPOLATIONS[interpolation_name(preprocessing)]
     if train:
         augment = augment or Augment()
         steps = [A.RandomResizedCrop(size=(size, size), scale=tuple(augment.scale), ratio=tuple(augment.ratio),
