@@ -95,6 +95,9 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
     }
     assert agreement <= set(phone) and phone["same_top5"] <= phone["same_top5_set"]
     check_figure(phone["b1"])
+    runtime = phone["onnxruntime"]  # the Predictor on the exported graph: the same answers as on PyTorch
+    assert runtime["same_top1"] == phone["same_top1"] and runtime["same_top5"] == phone["same_top5"]
+    check_figure(runtime["b1"])
     onnx = report["onnx"]
     assert onnx["method"] == "Classifier" and onnx["images"] == 32 and onnx["same_top1"] == 32
     assert onnx["max_logit_difference"] < 1e-3 and onnx["max_box_difference"] == 0
@@ -104,6 +107,7 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
     out_text = capsys.readouterr().out
     assert "| baseline | baseline | test_resnet | 64 | 2 |" in out_text and f"wrote {out}" in out_text
     assert "Predictor on 4032×3024 JPEGs" in out_text and "ONNX Runtime on the exported graph" in out_text
+    assert "| torch |" in out_text and "| onnxruntime |" in out_text
 
 
 def test_phone_photos_are_12_megapixel_jpegs_made_from_the_given_photos(tmp_path):
@@ -208,7 +212,9 @@ def speed_report() -> dict:
             "phone": {"checkpoint": "demo.ckpt", "img_size": 224, "source_size": [4032, 3024], "jpeg_kb": 845.0,
                       "decode_side": 224, "photos": 8, "same_top5": 4, "same_top5_set": 6, "same_top1": 7,
                       "same_top5_as_whole": 1, "same_top1_as_whole": 5, "whole_same_top5": 0,
-                      "b1": {"finegrain": side(29.5), "reference": side(6.04), "ratio": 4.884}},
+                      "b1": {"finegrain": side(29.5), "reference": side(6.04), "ratio": 4.884},
+                      "onnxruntime": {"same_top5": 4, "same_top1": 7,
+                                      "b1": {"finegrain": side(61.0), "reference": side(6.1), "ratio": 10.0}}},
             "onnx": {"checkpoint": "demo.ckpt", "img_size": 224, "method": "Classifier", "threads": 2,
                      "max_logit_difference": 5.4e-6, "max_score_difference": 2.1e-7,
                      "max_box_difference": 0.0, "same_top1": 32, "images": 32,
@@ -238,7 +244,8 @@ def test_markdown_shows_command_machine_date_and_the_figures():
     assert "| torchvision transforms v2 (decode_jpeg, image only) | 100.0 |\n| ratio | ×1.50 |" in speed
     assert "Of 8 photos (the same five species as the reference, in any order, on 6)." in speed
     assert "| 1 | 12.3 | 24.7 | ×0.50 |" in speed  # the Predictor against the timm pipeline
-    assert "| 29.50 | 6.04 | ×4.88 | 7 / 4 | 5 / 1 |" in speed and "top-5 on 0:" in speed
+    assert "| torch | 29.50 | 6.04 | ×4.88 | 7 / 4 | 5 / 1 |" in speed and "top-5 on 0:" in speed
+    assert "| onnxruntime | 61.00 | 6.10 | ×10.00 | 7 / 4 | – |" in speed
     assert "| 1 | 107.2 | 61.9 | ×1.73 |\n| 32 | 162.0 | 26.8 | ×6.05 |" in speed
     assert (
         "Largest logit difference 5.4e-06, score (softmax) difference 2.1e-07, box difference 0.0e+00; same "
@@ -247,7 +254,11 @@ def test_markdown_shows_command_machine_date_and_the_figures():
     assert "- skipped configs/bench/racnn.yaml: cannot be imported" in speed
     older = speed_report()
     del older["onnx"]["max_score_difference"]  # a report written before the scores were compared
+    del older["phone"]["onnxruntime"]  # ... and before the phone row ran the exported graph
     assert "Largest logit difference 5.4e-06, box difference 0.0e+00; same top-1" in render_markdown(older)
+    assert "| onnxruntime |" not in render_markdown(older)
+    older["phone"]["onnxruntime"] = {"skipped": "onnxruntime not installed (pip install 'finegrain[onnx]')"}
+    assert "ONNX Runtime: onnxruntime not installed (pip install 'finegrain[onnx]')." in render_markdown(older)
 
     accuracy = render_markdown(accuracy_report())
     assert "The same budget for every recipe: quick.yaml's epochs, 128 px input, seed 0." in accuracy
@@ -297,10 +308,12 @@ def test_the_speedups_figure_puts_phone_and_onnx_ratios_of_several_reports_toget
     pytest.importorskip("matplotlib")
     demo = {**speed_report(), "results": []}
     phone_only = {key: value for key, value in demo.items() if key != "onnx"}
-    phone_only["phone"] = {**demo["phone"], "b1": {**demo["phone"]["b1"], "ratio": 3.01}}
+    phone_only["phone"] = {**demo["phone"], "b1": {**demo["phone"]["b1"], "ratio": 3.01},
+                           "onnxruntime": {"skipped": "onnxruntime not installed"}}  # fmt: skip
     assert speedups({"demo": demo, "racnn": phone_only}) == [
         ("12 MP JPEG → top-5, batch 1 · demo", 4.884, 3.0),
         ("12 MP JPEG → top-5, batch 1 · racnn", 3.01, 3.0),
+        ("12 MP JPEG → top-5, batch 1, ONNX Runtime · demo", 10.0, 3.0),
         ("ONNX Runtime, batch 1 · demo", 1.732, 1.5),
         ("ONNX Runtime, batch 32 · demo", 6.05, 1.2),
     ]

@@ -82,6 +82,19 @@ def read_json(path: str | Path) -> dict:
     return report
 
 
+def _phone_rows(phone: dict) -> list[list[str]]:
+    """The phone table's rows: the Predictor on PyTorch, then on the exported graph where it was measured."""
+    rows = []
+    for backend, part in (("torch", phone), ("onnxruntime", phone.get("onnxruntime", {}))):
+        if "b1" in part:
+            fig, agree = part["b1"], f"{part.get('same_top1', '–')} / {part['same_top5']}"
+            whole = (f"{phone.get('same_top1_as_whole', '–')} / {phone.get('same_top5_as_whole', '–')}"
+                     if backend == "torch" else "–")  # fmt: skip
+            rows.append([backend, f"{fig['finegrain']['images_per_s']:.2f}",
+                         f"{fig['reference']['images_per_s']:.2f}", f"×{fig['ratio']:.2f}", agree, whole])  # fmt: skip
+    return rows
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -154,18 +167,18 @@ def _speed_tables(report: dict) -> list[str]:
                   f"{phone['checkpoint']}, {phone['img_size']} px), batch 1: images/s. The Predictor decodes a "
                   f"JPEG at the smallest DCT scale that keeps {phone['decode_side']} px on the shorter side; the "
                   "reference decodes it whole, then resizes.", "",
-                  _table(["Predictor", "PIL + timm reference", "ratio", "same top-1 / top-5 as the reference",
-                          "same top-1 / top-5 as the Predictor on the whole decode"],
-                         [[f"{fig['finegrain']['images_per_s']:.2f}", f"{fig['reference']['images_per_s']:.2f}",
-                           f"×{fig['ratio']:.2f}", f"{phone.get('same_top1', '–')} / {phone['same_top5']}",
-                           f"{phone.get('same_top1_as_whole', '–')} / {phone.get('same_top5_as_whole', '–')}"]]),
+                  _table(["Predictor backend", "Predictor", "PIL + timm reference", "ratio",
+                          "same top-1 / top-5 as the reference",
+                          "same top-1 / top-5 as the Predictor on the whole decode"], _phone_rows(phone)),
                   "", f"Of {phone['photos']} photos"
                   + (f" (the same five species as the reference, in any order, on {phone['same_top5_set']})"
                      if "same_top5_set" in phone else "")  # reports before it was measured
                   + ". The Predictor on the whole decode has the reference's top-5 on "
                   f"{phone.get('whole_same_top5', '–')}: the rest of the difference is the resize filters "
                   "(OpenCV's, without antialiasing, in the training pipeline; PIL's antialiased one in the "
-                  "reference).",
+                  "reference)."
+                  + (f" ONNX Runtime: {runtime['skipped']}." if "skipped" in (runtime := phone.get("onnxruntime", {}))
+                     else ""),
                   ""]  # fmt: skip
     onnx = report.get("onnx")
     if onnx:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import io
 import itertools
 import logging
@@ -338,7 +339,7 @@ def tiny_checkpoint(folder: Path, img_size: int) -> Path:
 def predictor_speed(checkpoint: Path | None, settings: Settings, jpegs: list[bytes]) -> dict:
     """From JPEG bytes to the top-5 classes: finegrain's Predictor against a hand-written timm pipeline (PIL
     decode, resize, centre crop, normalise, the same network, softmax, top-k)."""
-    with _pipelines(checkpoint, settings) as (predictor, predict, reference):
+    with _pipelines(checkpoint, settings) as (predictor, predict, reference, _):
         result = {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}",
                   "img_size": predictor.config.preprocessing["img_size"]}  # fmt: skip
         images = itertools.cycle(jpegs)
@@ -365,24 +366,50 @@ def phone_jpegs(count: int, sources: list[Path] | None = None) -> list[bytes]:
 def phone_speed(checkpoint: Path | None, settings: Settings, jpegs: list[bytes]) -> dict:
     """Batch-1 latency on 12-megapixel JPEGs: the Predictor (which decodes a JPEG at the smallest DCT scale the
     input needs, then resizes it as PIL does) against the hand-written pipeline (full decode, then PIL's resize),
-    and whether their top-5 agree."""
+    and whether their top-5 agree; then the same with the Predictor on the exported ONNX graph, where the onnx
+    extra is installed."""
     from finegrain.data.images import load_rgb
 
-    with _pipelines(checkpoint, settings) as (predictor, predict, reference):
+    with _pipelines(checkpoint, settings) as (predictor, predict, reference, path):
         batches = [[jpeg] for jpeg in jpegs]
         reduced = [[p["class_id"] for p in predict(batch)] for batch in batches]
         theirs = [reference(batch)[1][0].tolist() for batch in batches]
         # the Predictor's own pipeline on the whole decode (an array is used as it is): what the reduction changes
         whole = [[p["class_id"] for p in predictor.predict(load_rgb(jpeg), top_k=5)] for jpeg in jpegs]
         steps = replace(settings, steps=max(settings.steps, len(batches)))
-        return {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}",
-                "img_size": predictor.config.preprocessing["img_size"], "source_size": list(PHONE_IMAGE_SIZE),
-                "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024, "decode_side": predictor.decode_side,
-                "photos": len(jpegs), "same_top5": _agree(reduced, theirs), "same_top1": _agree(reduced, theirs, 1),
-                "same_top5_set": sum(set(x) == set(y) for x, y in zip(reduced, theirs, strict=True)),
-                "same_top5_as_whole": _agree(reduced, whole), "same_top1_as_whole": _agree(reduced, whole, 1),
-                "whole_same_top5": _agree(whole, theirs),
-                "b1": figure(_measure(predict, batches, steps), _measure(reference, batches, steps))}  # fmt: skip
+        result = {"checkpoint": str(checkpoint) if checkpoint else f"fresh {TINY_BACKBONE}",
+                  "img_size": predictor.config.preprocessing["img_size"], "source_size": list(PHONE_IMAGE_SIZE),
+                  "jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024, "decode_side": predictor.decode_side,
+                  "photos": len(jpegs), "same_top5": _agree(reduced, theirs), "same_top1": _agree(reduced, theirs, 1),
+                  "same_top5_set": sum(set(x) == set(y) for x, y in zip(reduced, theirs, strict=True)),
+                  "same_top5_as_whole": _agree(reduced, whole), "same_top1_as_whole": _agree(reduced, whole, 1),
+                  "whole_same_top5": _agree(whole, theirs),
+                  "b1": figure(_measure(predict, batches, steps), _measure(reference, batches, steps))}  # fmt: skip
+        result["onnxruntime"] = _phone_onnxruntime(path, batches, theirs, reference, steps)
+        return result
+
+
+def _phone_onnxruntime(path: Path, batches: list[list[bytes]], theirs: list[list[int]],
+                       reference: Callable[[list[bytes]], object], settings: Settings) -> dict:  # fmt: skip
+    """The phone row with the Predictor on the exported graph (`backend="onnxruntime"`): the same decode and
+    preprocessing, the network replaced by ONNX Runtime; {"skipped": why} without the onnx extra."""
+    from finegrain.export import export_package
+    from finegrain.predict import Predictor
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing or settings.device != "cpu":
+        return {"skipped": f"{', '.join(missing)} not installed (pip install 'finegrain[onnx]')" if missing
+                else "ONNX Runtime runs on the CPU; measured with --device cpu only"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        runtime = Predictor.from_checkpoint(export_package(path, Path(folder) / "package", onnx=True),
+                                            backend="onnxruntime")  # fmt: skip
+
+        def predict(batch: list[bytes]) -> list:
+            return runtime.predict(batch[0], top_k=5)
+
+        ours = [[p["class_id"] for p in predict(batch)] for batch in batches]
+        return {"same_top5": _agree(ours, theirs), "same_top1": _agree(ours, theirs, 1),
+                "b1": figure(_measure(predict, batches, settings), _measure(reference, batches, settings))}  # fmt: skip
 
 
 def _agree(a: list[list[int]], b: list[list[int]], k: int = 5) -> int:
@@ -427,8 +454,8 @@ def onnx_speed(checkpoint: Path | None, settings: Settings) -> dict:
 
 @contextlib.contextmanager
 def _pipelines(checkpoint: Path | None, settings: Settings) -> Iterator[tuple]:
-    """(predictor, predict, reference): JPEG bytes of a batch to the Predictor's top-5, or to the reference's
-    (scores, class ids) from the same network object, so that only the pipeline around it differs."""
+    """(predictor, predict, reference, checkpoint path): JPEG bytes of a batch to the Predictor's top-5, or to the
+    reference's (scores, class ids) from the same network object, so that only the pipeline around it differs."""
     import timm
 
     from finegrain.predict import Predictor
@@ -452,7 +479,7 @@ def _pipelines(checkpoint: Path | None, settings: Settings) -> Iterator[tuple]:
         def predict(batch: list[bytes]) -> list:
             return predictor.predict(batch[0] if len(batch) == 1 else batch, top_k=5)
 
-        yield predictor, predict, reference
+        yield predictor, predict, reference, path
 
 
 def _measure(run: Callable[[list[bytes]], object], batches: list[list[bytes]], settings: Settings) -> dict:
