@@ -77,8 +77,9 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
                                   "batch_size": 2, "steps": 1, "warmup": 1}  # fmt: skip
     assert report["results"][0]["batch_size"] == 2
     data = report["data"]
-    assert data["img_size"] == 64 and data["source_size"] == [500, 375]
+    assert data["img_size"] == 64 and data["source_size"] == [500, 375] and data["rounds"] == 10
     check_figure(data["train_sample"])
+    assert len(data["round_ratios"]) == 10 and data["train_sample"]["ratio"] == sorted(data["round_ratios"])[5]
     predictor = report["predictor"]
     assert predictor["checkpoint"] == "fresh test_resnet"
     check_figure(predictor["b1"])
@@ -206,7 +207,8 @@ def speed_report() -> dict:
                          "backbone": "efficientnet_lite0", "img_size": 160, "batch_size": 16, "train": figure,
                          "infer_b1": figure, "infer_b32": {**figure, "ratio": 1.25}}],
             "skipped": [{"recipe": "configs/bench/racnn.yaml", "reason": "cannot be imported"}],
-            "data": {"img_size": 160, "source_size": [500, 375], "jpeg_kb": 60.2,
+            "data": {"img_size": 160, "source_size": [500, 375], "jpeg_kb": 60.2, "rounds": 3,
+                     "round_ratios": [1.6, 1.2, 1.5],
                      "train_sample": {"finegrain": side(150.0), "reference": side(100.0), "ratio": 1.5}},
             "predictor": {"checkpoint": "fresh test_resnet", "img_size": 224, "b1": figure, "b32": figure},
             "phone": {"checkpoint": "demo.ckpt", "img_size": 224, "source_size": [4032, 3024], "jpeg_kb": 845.0,
@@ -242,6 +244,8 @@ def test_markdown_shows_command_machine_date_and_the_figures():
     row = "| stn | stn | efficientnet_lite0 | 160 | 16 | 12.3 (×0.50) | 12.3 (×0.50) | 12.3 (×1.25) | 250 (200) |"
     assert row in speed
     assert "| torchvision transforms v2 (decode_jpeg, image only) | 100.0 |\n| ratio | ×1.50 |" in speed
+    rounds = "to 160 px; 3 rounds, the sides taking turns, the round of median ratio shown (all rounds: ×1.20 ×1.50"
+    assert rounds + " ×1.60)." in speed
     assert "Of 8 photos (the same five species as the reference, in any order, on 6)." in speed
     assert "| 1 | 12.3 | 24.7 | ×0.50 |" in speed  # the Predictor against the timm pipeline
     assert "| torch | 29.50 | 6.04 | ×4.88 | 7 / 4 | 5 / 1 |" in speed and "top-5 on 0:" in speed

@@ -145,7 +145,10 @@ def _speed_tables(report: dict) -> list[str]:
     if "data" in report:
         data, fig = report["data"], report["data"]["train_sample"]
         lines += [f"Data pipeline, one worker (one core): decode a {data['source_size'][0]}×{data['source_size'][1]} "
-                  f"JPEG ({data['jpeg_kb']:.0f} kB) + train augmentation to {data['img_size']} px.", "",
+                  f"JPEG ({data['jpeg_kb']:.0f} kB) + train augmentation to {data['img_size']} px"
+                  + (f"; {data['rounds']} rounds, the sides taking turns, the round of median ratio shown (all "
+                     f"rounds: {' '.join(f'×{r:.2f}' for r in sorted(data['round_ratios']))})." if "rounds" in data
+                     else "."), "",
                   _table(["pipeline", "images/s per worker"],
                          [["finegrain (load_rgb + albumentations, box and 15 parts carried)",
                            f"{fig['finegrain']['images_per_s']:.1f}"],
