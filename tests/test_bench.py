@@ -77,9 +77,9 @@ def test_speed_command_writes_the_json_schema_and_prints_the_table(tmp_path, cap
                                   "batch_size": 2, "steps": 1, "warmup": 1}  # fmt: skip
     assert report["results"][0]["batch_size"] == 2
     data = report["data"]
-    assert data["img_size"] == 64 and data["source_size"] == [500, 375] and data["rounds"] == 10
+    assert data["img_size"] == 64 and data["source_size"] == [500, 375] and data["rounds"] == 11
     check_figure(data["train_sample"])
-    assert len(data["round_ratios"]) == 10 and data["train_sample"]["ratio"] == sorted(data["round_ratios"])[5]
+    assert len(data["round_ratios"]) == 11 and data["train_sample"]["ratio"] == sorted(data["round_ratios"])[5]
     predictor = report["predictor"]
     assert predictor["checkpoint"] == "fresh test_resnet"
     check_figure(predictor["b1"])

@@ -40,7 +40,7 @@ from finegrain.models.backbones import preprocessing_config
 log = logging.getLogger(__name__)
 
 INFERENCE_BATCHES = (1, 32)
-DATA_ROUNDS = 10  # the data pipeline's sides take turns this many times; the median round ratio counts
+DATA_ROUNDS = 11  # the data pipeline's sides take turns this many times (odd: a true median round)
 SECTIONS = ("models", "data", "predictor", "phone", "onnx")
 PHONE_IMAGE_SIZE = (4032, 3024)  # 12 megapixels, the 4:3 photo of most phones
 CUB_IMAGE_SIZE = (500, 375)  # CUB photos are at most 500 px on their long side, most of them 500 x 333-375
@@ -288,7 +288,7 @@ def data_speed(preprocessing: dict, settings: Settings, jpegs: list[bytes]) -> d
     """Decode + train augmentation of one image per call, on one core: finegrain's path (load_rgb, then the
     albumentations pipeline carrying the bird box and 15 parts) against torchvision transforms v2 on the image
     alone (decode_jpeg, RandomResizedCrop, flip, ColorJitter, normalise) with the same settings, in DATA_ROUNDS
-    rounds taken in turns: the round of median ratio (the upper of the two middle ones)."""
+    rounds taken in turns: the round of median ratio."""
     from torchvision.io import decode_jpeg
     from torchvision.transforms import InterpolationMode, v2
 
