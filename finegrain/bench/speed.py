@@ -308,7 +308,7 @@ def data_speed(preprocessing: dict, settings: Settings, jpegs: list[bytes]) -> d
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(preprocessing["mean"], preprocessing["std"]),
     ])  # fmt: skip
-    count = max(settings.steps, len(jpegs))  # per round: 10 x steps in all
+    count = max(settings.steps, len(jpegs))  # photos per round and side
 
     def measure(sample: Callable[[bytes], object]) -> dict:
         images = itertools.cycle(jpegs)
