@@ -82,6 +82,13 @@ def read_json(path: str | Path) -> dict:
     return report
 
 
+def _batch_rows(section: dict) -> list[list[str]]:
+    """Rows of batch size, finegrain's images/s, the reference's and their ratio, for batches 1 and 32."""
+    return [[str(n), f"{section[f'b{n}']['finegrain']['images_per_s']:.1f}",
+             f"{section[f'b{n}']['reference']['images_per_s']:.1f}", f"×{section[f'b{n}']['ratio']:.2f}"]
+            for n in (1, 32)]  # fmt: skip
+
+
 def _phone_rows(phone: dict) -> list[list[str]]:
     """The phone table's rows: the Predictor on PyTorch, then on the exported graph where it was measured."""
     rows = []
@@ -157,14 +164,11 @@ def _speed_tables(report: dict) -> list[str]:
                           ["ratio", f"×{fig['ratio']:.2f}"]]), ""]  # fmt: skip
     predictor = report.get("predictor")
     if predictor:
-        rows = [[str(n), f"{predictor[f'b{n}']['finegrain']['images_per_s']:.1f}",
-                 f"{predictor[f'b{n}']['reference']['images_per_s']:.1f}", f"×{predictor[f'b{n}']['ratio']:.2f}"]
-                for n in (1, 32)]  # fmt: skip
         lines += [f"Predictor, JPEG bytes to top-5 ({predictor['checkpoint']}, {predictor['img_size']} px): "
-                  "images/s.", "", _table(["batch", "Predictor", "timm reference", "ratio"], rows), ""]  # fmt: skip
+                  "images/s.", "", _table(["batch", "Predictor", "timm reference", "ratio"], _batch_rows(predictor)),
+                  ""]  # fmt: skip
     phone = report.get("phone")
     if phone:
-        fig = phone["b1"]
         width, height = phone["source_size"]
         lines += [f"Predictor on {width}×{height} JPEGs ({phone['jpeg_kb']:.0f} kB, {phone['photos']} photos; "
                   f"{phone['checkpoint']}, {phone['img_size']} px), batch 1: images/s. The Predictor decodes a "
@@ -185,9 +189,6 @@ def _speed_tables(report: dict) -> list[str]:
                   ""]  # fmt: skip
     onnx = report.get("onnx")
     if onnx:
-        rows = [[str(n), f"{onnx[f'b{n}']['finegrain']['images_per_s']:.1f}",
-                 f"{onnx[f'b{n}']['reference']['images_per_s']:.1f}", f"×{onnx[f'b{n}']['ratio']:.2f}"]
-                for n in (1, 32)]  # fmt: skip
         lines += [f"ONNX Runtime on the exported graph against PyTorch eager, the network alone on preprocessed "
                   f"inputs ({onnx['method']}, {onnx['checkpoint']}, {onnx['img_size']} px, {onnx['threads']} "
                   f"threads each): images/s. Largest logit difference {onnx['max_logit_difference']:.1e}, "
@@ -195,7 +196,7 @@ def _speed_tables(report: dict) -> list[str]:
                      if "max_score_difference" in onnx else "")  # reports before it was measured
                   + f"box difference {onnx['max_box_difference']:.1e}; same top-1 on {onnx['same_top1']} of "
                   f"{onnx['images']} images.", "",
-                  _table(["batch", "ONNX Runtime", "PyTorch eager", "ratio"], rows), ""]  # fmt: skip
+                  _table(["batch", "ONNX Runtime", "PyTorch eager", "ratio"], _batch_rows(onnx)), ""]  # fmt: skip
     return lines
 
 
