@@ -9,7 +9,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from finegrain.data.cub import PART_NAMES
-from finegrain.data.transforms import Augment, apply_transform, build_transform
+from finegrain.data.transforms import Augment, NormalizeToTensor, apply_transform, build_transform
 
 PRE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "img_size": 100, "crop_pct": 1.0,
        "interpolation": "bilinear"}  # fmt: skip
@@ -72,3 +72,28 @@ def test_train_transform_is_seeded_and_keeps_annotations_in_range():
         assert out["image"].shape == (3, 100, 100)
         assert (out["box"] >= 0).all() and (out["box"] <= 1).all()
         assert len(out["parts"]) == 15 and len(out["part_visible"]) == 15  # never dropped
+
+
+def test_normalize_to_tensor_matches_albumentations_normalize_then_to_tensor():
+    image = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = A.Compose([A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()])(image=image)["image"]
+    out = NormalizeToTensor(mean, std)(image=image)["image"]
+    assert out.dtype == torch.float32 and out.shape == (3, 37, 53) and out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    # by hand: pixel (0, 0) of the red channel
+    assert out[0, 0, 0].item() == pytest.approx((image[0, 0, 0] / 255 - 0.485) / 0.229, abs=1e-5)
+
+
+def test_train_pipeline_gives_the_same_tensors_as_with_albumentations_normalize():
+    image = np.random.default_rng(2).integers(0, 256, (120, 180, 3), dtype=np.uint8)
+    parts, box = parts_with(beak=(90, 60)), (60, 40, 50, 40)
+    for seed in range(4):  # a fresh pair per seed: the two pipelines draw their random numbers alike
+        ours = build_transform(PRE, train=True, augment=Augment(), seed=seed)
+        random_steps = build_transform(PRE, train=True, augment=Augment(), seed=seed).transforms[:-1]
+        keypoints = A.KeypointParams(format="xy", remove_invisible=False)
+        steps = [*random_steps, A.Normalize(mean=PRE["mean"], std=PRE["std"]), ToTensorV2()]
+        theirs = A.Compose(steps, keypoint_params=keypoints, seed=seed)
+        a, b = apply_transform(ours, image, box, parts), apply_transform(theirs, image, box, parts)
+        torch.testing.assert_close(a["image"], b["image"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(a["parts"], b["parts"])
