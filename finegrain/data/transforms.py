@@ -47,7 +47,7 @@ class Augment:
 
 class NormalizeToTensor(A.ImageOnlyTransform):
     """albumentations' Normalize then ToTensorV2 in one OpenCV call: (pixel - 255 mean) / (255 std) as a
-    contiguous CHW float32 tensor. Half the cost of the two steps on a 160 px crop (0.04 against 0.07 ms)."""
+    contiguous CHW float32 tensor, at about half the cost of the two steps (docs/benchmarks.md, data pipeline)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], p: float = 1.0):
         super().__init__(p=p)
