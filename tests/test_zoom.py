@@ -11,7 +11,7 @@ from finegrain.cli import main
 from finegrain.errors import FinegrainError
 from finegrain.geometry import mask_box, square_box
 from finegrain.models import ObjectZoom
-from finegrain.models.zoom import largest_region, object_region, part_windows
+from finegrain.models.zoom import largest_region, object_region
 from finegrain.predict import Predictor
 from finegrain.training import CONFIGS
 from tests.test_predict import PREPROCESSING, photo, write_checkpoint
@@ -92,45 +92,6 @@ def test_object_region_of_a_hand_made_activation_map():
     torch.testing.assert_close(box, torch.tensor([[2 / 7, 1 / 14, 6 / 7, 9 / 14]]))
 
 
-def test_part_windows_of_a_hand_made_activation_map():
-    """A 2 x 2 block of ones at rows 1-2, columns 4-5 of a 7 x 7 map: the 2-cell window is the block; four 3-cell
-    windows hold it whole (mean 4/9), and the first in reading order wins; the 7-cell window is the map."""
-    response = torch.zeros(1, 7, 7)
-    response[0, 1:3, 4:6] = 1.0
-    boxes = part_windows(response, (2, 3, 7))
-    expected = torch.tensor([[[4 / 7, 1 / 7, 6 / 7, 3 / 7], [3 / 7, 0.0, 6 / 7, 3 / 7], [0.0, 0.0, 1.0, 1.0]]])
-    torch.testing.assert_close(boxes, expected)
-
-
-def test_parts_are_cropped_from_the_full_input_and_train_only():
-    """Object box (0.25, 0.5, 0.75, 1.0) of a 128 px input: x 32-96, y 64-128. A map peaking in the lower-left
-    2 x 2 cells of its 4 x 4 grid makes the 2-cell part the crop's lower-left quarter: input x 32-64, y 96-128,
-    sampled at 32 px, 1:1 from the input."""
-    torch.manual_seed(0)
-    model = tiny(zoom_size=64, part_windows=[2], part_size=32)  # a 2 x 2 map of the object view
-    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
-    box = torch.tensor([[0.25, 0.5, 0.75, 1.0]] * 2)
-    object_map = torch.zeros(2, 3, 4, 4)
-    object_map[:, :, 2:4, 0:2] = 1.0
-    inputs = []
-    features = model.backbone.forward_features
-    model.backbone.forward_features = lambda x: inputs.append(x) or features(x)
-    logits = model.classify_parts(image, box, object_map)
-    torch.testing.assert_close(inputs[0], image[:, :, 96:128, 32:64], atol=1e-5, rtol=0)
-    assert list(logits) == ["part2"] and logits["part2"].shape == (2, 5)
-    # training: each part a branch with its own cross-entropy, gradients into the shared backbone and head
-    model.backbone.forward_features = features
-    out = model(torch.rand(4, 3, 64, 64))
-    assert list(out.branch_logits) == ["whole", "object", "part2"] == list(model.branch_names)
-    model.zero_grad()
-    F.cross_entropy(out.branch_logits["part2"], torch.tensor([0, 1, 2, 3])).backward()
-    assert model.head.weight.grad.abs().sum() > 0 and model.backbone.conv1[0].weight.grad.abs().sum() > 0
-    # inference: whole and object only, the fused logits theirs
-    out = model.eval()(torch.rand(4, 3, 64, 64))
-    assert list(out.branch_logits) == ["whole", "object"]
-    torch.testing.assert_close(out.logits, (out.branch_logits["whole"] + out.branch_logits["object"]) / 2)
-
-
 def test_the_crop_is_sampled_from_the_full_input_and_logits_are_fused():
     """The whole view is a 64 px copy of the 128 px input; the object crop comes from the input itself."""
     torch.manual_seed(0)
@@ -184,18 +145,11 @@ def test_lr_groups_cover_every_parameter_once():
     ("kwargs", "message"),
     [({"min_side": 0}, "min_side must be in \\(0, 1\\]"), ({"zoom_size": 0}, "zoom_size must be a positive integer"),
      ({"whole_size": -3}, "whole_size must be a positive integer"),
-     ({"whole_size": 0}, "whole_size must be a positive integer"),
-     ({"part_windows": [0]}, "part_windows must be window sides"), ({"part_size": 0}, "part_size must be a positive")],
+     ({"whole_size": 0}, "whole_size must be a positive integer")],
 )  # fmt: skip
 def test_bad_settings_get_clear_errors(kwargs, message):
     with pytest.raises(FinegrainError, match=message):
         tiny(**kwargs)
-
-
-def test_part_windows_larger_than_the_map_get_a_clear_error():
-    model = tiny(zoom_size=32, part_windows=[5])
-    with pytest.raises(FinegrainError, match="part_windows \\[5\\] exceed the object view's \\(4, 4\\) map"):
-        model.classify_parts(torch.rand(1, 3, 64, 64), torch.tensor([[0.0, 0, 1, 1]]), torch.rand(1, 8, 4, 4))
 
 
 def test_boxes_map_to_the_photograph(tmp_path):

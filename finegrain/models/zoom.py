@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finegrain.errors import FinegrainError
-from finegrain.geometry import box_to_transform, compose_transforms, crop, mask_box, square_box, square_copy
+from finegrain.geometry import box_to_transform, crop, mask_box, square_box, square_copy
 from finegrain.models.attention import attention_maps, backbone_groups
 from finegrain.models.backbones import create_backbone
 from finegrain.models.registry import register_network
@@ -52,21 +52,6 @@ def object_region(feature_map: Tensor) -> Tensor:
     return largest_region(response > response.mean((1, 2), keepdim=True))
 
 
-def part_windows(response: Tensor, sides: tuple[int, ...]) -> Tensor:
-    """(B, h, w) activation map -> (B, len(sides), 4) normalised xyxy boxes: for each side k (in cells), the k x k
-    window of the highest mean activation (APPM's proposals, one per window size; of equal windows the first in
-    reading order)."""
-    _, height, width = response.shape
-    boxes = []
-    for side in sides:
-        means = F.avg_pool2d(response[:, None], side, stride=1)[:, 0]  # (B, h - k + 1, w - k + 1)
-        best = means.flatten(1).argmax(1)
-        row, col = best // means.shape[-1], best % means.shape[-1]
-        x1, y1 = col.float() / width, row.float() / height
-        boxes.append(torch.stack((x1, y1, x1 + side / width, y1 + side / height), dim=-1))
-    return torch.stack(boxes, dim=1)
-
-
 @register_network
 class ObjectZoom(nn.Module):
     """One timm CNN and one classifier on the whole image and on the object it finds in its own activation map.
@@ -81,11 +66,6 @@ class ObjectZoom(nn.Module):
             itself. With a larger input (448 px on a CPU recipe, whole view 224 px) the object crop sees the bird
             at up to the input's resolution, not an upsampled 224 px view.
         zoom_size: side in pixels of the object crop.
-        part_windows: training only, MMAL-Net's part branch (APPM): for each side k (in cells of the object view's
-            last-stage map), the k x k window of highest mean activation is a part, cropped from the full input at
-            `part_size` and classified by the same backbone and head, each part a branch "part<k>" that trains
-            with its own cross-entropy. Empty (the default): no parts. Inference never computes them.
-        part_size: side in pixels of each part crop.
         min_side: the object box's smallest side, as a fraction of the input's shorter side: published zooms
             lose accuracy on crops smaller than about a third of the image (../shared/docs/methods.md).
 
@@ -93,33 +73,26 @@ class ObjectZoom(nn.Module):
     inside the image: a crop resized to a square input is not distorted and keeps the bird's ends. Where the
     region is empty (a flat map) the box is the whole image.
 
-    Output: `logits` the mean of both views' logits; `branch_logits` {"whole", "object"} (and "part<k>" while
-    training with parts); `boxes` {"object"} in
+    Output: `logits` the mean of both views' logits; `branch_logits` {"whole", "object"}; `boxes` {"object"} in
     normalised xyxy of the input; `attention_maps` {"whole.activation": the channel sum the box came from, scaled
     to [0, 1] per image, in the whole view} plus any attention gates' maps keyed "<view>.<module>".
     """
 
+    branch_names = ("whole", "object")
     box_names = ("object",)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: list[int] | None = None,
-                 whole_size: int | None = None, zoom_size: int = 224, min_side: float = 1 / 3,
-                 part_windows: list[int] | None = None, part_size: int = 160):  # fmt: skip
+                 whole_size: int | None = None, zoom_size: int = 224, min_side: float = 1 / 3):  # fmt: skip
         super().__init__()
-        sizes = {"zoom_size": zoom_size, "part_size": part_size}
-        sizes |= {} if whole_size is None else {"whole_size": whole_size}
+        sizes = {"zoom_size": zoom_size} if whole_size is None else {"zoom_size": zoom_size, "whole_size": whole_size}
         for name, value in sizes.items():
             if not isinstance(value, int) or value < 1:
                 raise FinegrainError(f"ObjectZoom {name} must be a positive integer, got {value!r}")
         if not 0 < min_side <= 1:
             raise FinegrainError(f"ObjectZoom min_side must be in (0, 1] (a fraction of the image side), got "
                                  f"{min_side!r}; the default is 1/3")  # fmt: skip
-        self.part_windows = tuple(part_windows or ())
-        if not all(isinstance(k, int) and k >= 1 for k in self.part_windows):
-            raise FinegrainError(f"ObjectZoom part_windows must be window sides in map cells (positive integers), "
-                                 f"got {part_windows!r}; e.g. [2, 3, 4] on a 7 x 7 map")  # fmt: skip
-        self.whole_size, self.zoom_size, self.min_side, self.part_size = whole_size, zoom_size, min_side, part_size
-        self.branch_names = ("whole", "object", *(f"part{k}" for k in self.part_windows))
+        self.whole_size, self.zoom_size, self.min_side = whole_size, zoom_size, min_side
         self.backbone = create_backbone(backbone, weights=weights, num_classes=0, attention=attention,
                                         attention_stages=attention_stages)  # fmt: skip
         self.dropout = nn.Dropout(drop_rate)
@@ -145,35 +118,18 @@ class ObjectZoom(nn.Module):
         """(B, 4) normalised xyxy box of the object in an input of width / height `aspect` (whole image when none)."""
         return square_box(mask_box(object_region(feature_map)), self.min_side, aspect)
 
-    def classify_parts(self, images: Tensor, box: Tensor, object_map: Tensor) -> dict[str, Tensor]:
-        """{"part<k>": logits} of the parts the object view's map proposes, cropped from the full input in one
-        sampling each (the window composed with the object box) and classified in one batch."""
-        if object_map.shape[-1] < max(self.part_windows) or object_map.shape[-2] < max(self.part_windows):
-            raise FinegrainError(f"ObjectZoom part_windows {list(self.part_windows)} exceed the object view's "
-                                 f"{tuple(object_map.shape[-2:])} map; use smaller windows")  # fmt: skip
-        windows = part_windows(activation_sum(object_map), self.part_windows)  # (B, P, 4) of the object crop
-        transforms = compose_transforms(box_to_transform(box)[:, None], box_to_transform(windows))
-        size = (self.part_size, self.part_size)
-        parts = torch.cat([crop(images, transforms[:, p], size) for p in range(len(self.part_windows))])
-        _, logits = self.classify_view(parts, "part", {})
-        names = [f"part{k}" for k in self.part_windows]
-        return dict(zip(names, logits.unflatten(0, (len(names), len(images))).unbind(0), strict=True))
-
     def forward(self, images: Tensor) -> ModelOutput:
         maps: dict[str, Tensor] = {}
         feature_map, whole_logits = self.classify_view(square_copy(images, self.whole_size), "whole", maps)
         box = self.object_box(feature_map, images.shape[-1] / images.shape[-2])
         zoom = crop(images, box_to_transform(box), (self.zoom_size, self.zoom_size))
-        object_map, object_logits = self.classify_view(zoom, "object", maps)
-        branches = {"whole": whole_logits, "object": object_logits}
-        if self.training and self.part_windows:
-            branches |= self.classify_parts(images, box, object_map)
+        _, object_logits = self.classify_view(zoom, "object", maps)
         response = activation_sum(feature_map)
         low, high = response.amin((1, 2), keepdim=True), response.amax((1, 2), keepdim=True)
         maps["whole.activation"] = (response - low) / (high - low).clamp(min=1e-12)
         return ModelOutput(
             logits=(whole_logits + object_logits) / 2,
-            branch_logits=branches,
+            branch_logits={"whole": whole_logits, "object": object_logits},
             boxes={"object": box},
             attention_maps=maps,
         )
