@@ -21,12 +21,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from finegrain.bench.speed import phone_jpegs
+from finegrain.bench.speed import phone_jpegs, reference_transform
 from finegrain.predict import Predictor
 
 
@@ -34,25 +33,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("photos", nargs="+", type=Path)
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--json", type=Path, help="also write every photo's scores here")
+    parser.add_argument("--json", type=Path, help="also write the counts and every photo's top-5 here")
     args = parser.parse_args()
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     network, prep = predictor.network, predictor.config.preprocessing
     size, mean, std = prep["img_size"], prep["mean"], prep["std"]
     resize = int(size / prep["crop_pct"])
-    timm_transform = timm.data.create_transform(input_size=(3, size, size), crop_pct=prep["crop_pct"], mean=mean,
-                                                std=std, interpolation=prep["interpolation"])  # fmt: skip
+    bench_transform = reference_transform(prep)  # the bench's own reference, not a copy of it
     tv2 = v2.Compose([v2.Resize(resize, InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])  # fmt: skip
-    normalize = v2.Compose([v2.CenterCrop(size), v2.Normalize(mean, std)])
+    crop_and_normalize = v2.Compose([v2.CenterCrop(size), v2.Normalize(mean, std)])
 
     def target(width: int, height: int) -> tuple[int, int]:
         """(width, height) with the shorter side `resize`, the longer rounded down as torchvision's Resize(int)."""
         return (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
 
     def reference(data: bytes) -> torch.Tensor:
-        return timm_transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        return bench_transform(Image.open(io.BytesIO(data)).convert("RGB"))
 
     def torchvision(data: bytes) -> torch.Tensor:
         return tv2(torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1))
@@ -62,7 +60,7 @@ def main() -> None:
         small = cv2.resize(
             cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), target(bgr.shape[1], bgr.shape[0]), interpolation=cv2.INTER_AREA
         )
-        return normalize(torch.from_numpy(small).permute(2, 0, 1).float() / 255)
+        return crop_and_normalize(torch.from_numpy(small).permute(2, 0, 1).float() / 255)
 
     def pil_float(data: bytes) -> torch.Tensor:
         image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -70,7 +68,7 @@ def main() -> None:
         channels = [np.asarray(Image.fromarray(pixels[..., c], mode="F").resize(target(*image.size),
                                                                                 Image.Resampling.BICUBIC))
                     for c in range(3)]  # fmt: skip
-        return normalize(torch.from_numpy(np.stack(channels)) / 255)
+        return crop_and_normalize(torch.from_numpy(np.stack(channels)) / 255)
 
     def scores_of(make: Callable[[bytes], torch.Tensor]) -> Callable[[bytes], torch.Tensor]:
         def run(data: bytes) -> torch.Tensor:

@@ -462,23 +462,27 @@ def onnx_speed(checkpoint: Path | None, settings: Settings) -> dict:
     return result
 
 
+def reference_transform(preprocessing: dict):
+    """The hand-written pipeline's eval transform of a PIL image: timm's, from the checkpoint's preprocessing."""
+    import timm
+
+    size = preprocessing["img_size"]
+    return timm.data.create_transform(
+        input_size=(3, size, size), crop_pct=preprocessing["crop_pct"], mean=preprocessing["mean"],
+        std=preprocessing["std"], interpolation=preprocessing["interpolation"],
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def _pipelines(checkpoint: Path | None, settings: Settings) -> Iterator[tuple]:
     """(predictor, predict, reference, checkpoint path): JPEG bytes of a batch to the Predictor's top-5, or to the
     reference's (scores, class ids) from the same network object, so that only the pipeline around it differs."""
-    import timm
-
     from finegrain.predict import Predictor
 
     with tempfile.TemporaryDirectory() as folder:
         path = checkpoint or tiny_checkpoint(Path(folder), img_size=224)
         predictor = Predictor.from_checkpoint(path, device=settings.device)
-        network, preprocessing = predictor.network, predictor.config.preprocessing
-        size = preprocessing["img_size"]
-        transform = timm.data.create_transform(
-            input_size=(3, size, size), crop_pct=preprocessing["crop_pct"], mean=preprocessing["mean"],
-            std=preprocessing["std"], interpolation=preprocessing["interpolation"],
-        )  # fmt: skip
+        network, transform = predictor.network, reference_transform(predictor.config.preprocessing)
 
         def reference(batch: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
             images = [transform(Image.open(io.BytesIO(data)).convert("RGB")) for data in batch]
