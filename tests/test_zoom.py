@@ -134,11 +134,25 @@ def test_gradients_reach_backbone_and_head_but_not_the_box():
     assert image.grad.abs().sum() > 0  # through the crop's bilinear sampling, as any input gradient
 
 
-def test_lr_groups_cover_every_parameter_once():
-    model = tiny(attention="cbam")
+@pytest.mark.parametrize("share_network", [True, False])
+def test_lr_groups_cover_every_parameter_once(share_network):
+    model = tiny(attention="cbam", share_network=share_network)
     groups = model.lr_groups()
     ids = [id(p) for params in groups.values() for p in params]
     assert len(ids) == len(set(ids)) == len(list(model.parameters())) and groups["attention"]
+
+
+def test_an_own_object_network_starts_equal_and_learns_only_from_the_object_view():
+    torch.manual_seed(0)
+    shared, own = tiny(zoom_size=32), tiny(zoom_size=32, share_network=False)
+    assert not any(key.startswith("object_") for key in shared.state_dict())  # older checkpoints still load
+    assert sum(p.numel() for p in own.parameters()) == 2 * sum(p.numel() for p in shared.parameters())
+    assert torch.equal(own.object_head.weight, own.head.weight)
+    assert own.object_head.weight.data_ptr() != own.head.weight.data_ptr()
+    out = own(torch.rand(4, 3, 64, 64))
+    F.cross_entropy(out.branch_logits["object"], torch.tensor([0, 1, 2, 3])).backward()
+    assert own.object_backbone.conv1[0].weight.grad.abs().sum() > 0 and own.object_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in [*own.backbone.parameters(), *own.head.parameters()])
 
 
 @pytest.mark.parametrize(

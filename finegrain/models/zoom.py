@@ -10,6 +10,8 @@ whole view. docs/methods.md ("Object zoom") has the design choices, docs/benchma
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,6 +70,8 @@ class ObjectZoom(nn.Module):
         zoom_size: side in pixels of the object crop.
         min_side: the object box's smallest side, as a fraction of the input's shorter side: published zooms
             lose accuracy on crops smaller than about a third of the image (../shared/docs/methods.md).
+        share_network: one backbone and classifier for both views (MMAL-Net); False gives the object view its own
+            copy of both, started from the same weights, so the two views' predictions differ more when fused.
 
     The object box is the region's bounding box widened to a square (in pixels) around its centre and shifted
     inside the image: a crop resized to a square input is not distorted and keeps the bird's ends. Where the
@@ -83,7 +87,8 @@ class ObjectZoom(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", weights: str | None = "none",
                  drop_rate: float = 0.0, attention: str = "none", attention_stages: list[int] | None = None,
-                 whole_size: int | None = None, zoom_size: int = 224, min_side: float = 1 / 3):  # fmt: skip
+                 whole_size: int | None = None, zoom_size: int = 224, min_side: float = 1 / 3,
+                 share_network: bool = True):  # fmt: skip
         super().__init__()
         sizes = {"zoom_size": zoom_size} if whole_size is None else {"zoom_size": zoom_size, "whole_size": whole_size}
         for name, value in sizes.items():
@@ -97,21 +102,31 @@ class ObjectZoom(nn.Module):
                                         attention_stages=attention_stages)  # fmt: skip
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(getattr(self.backbone, "head_hidden_size", self.backbone.num_features), num_classes)
+        self.share_network = share_network
+        if not share_network:
+            self.object_backbone, self.object_head = copy.deepcopy(self.backbone), copy.deepcopy(self.head)
 
     def lr_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by learning-rate group, as the baseline's: trunk, attention gates, head."""
-        return {**backbone_groups(self.backbone), "head": list(self.head.parameters())}
+        groups = {**backbone_groups(self.backbone), "head": list(self.head.parameters())}
+        if not self.share_network:
+            for key, params in backbone_groups(self.object_backbone).items():
+                groups[key] = groups[key] + params
+            groups["head"] = groups["head"] + list(self.object_head.parameters())
+        return groups
 
     def classify_view(self, images: Tensor, name: str, maps: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The last-stage map and logits of one view; its attention gates' maps into `maps` as "<name>.<key>"."""
-        feature_map = self.backbone.forward_features(images)
+        own = name == "object" and not self.share_network
+        backbone, head = (self.object_backbone, self.object_head) if own else (self.backbone, self.head)
+        feature_map = backbone.forward_features(images)
         if feature_map.dim() != 4:
             raise FinegrainError(
                 f"ObjectZoom needs a CNN backbone whose forward_features gives a (B, C, H, W) map; got shape "
                 f"{tuple(feature_map.shape)}: use a timm CNN (efficientnet_lite0, resnet50, ...)"
             )
-        maps.update({f"{name}.{key}": value for key, value in attention_maps(self.backbone).items()})
-        logits = self.head(self.dropout(self.backbone.forward_head(feature_map, pre_logits=True)))
+        maps.update({f"{name}.{key}": value for key, value in attention_maps(backbone).items()})
+        logits = head(self.dropout(backbone.forward_head(feature_map, pre_logits=True)))
         return feature_map, logits
 
     def object_box(self, feature_map: Tensor, aspect: float) -> Tensor:
