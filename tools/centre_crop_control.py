@@ -24,8 +24,9 @@ from finegrain.predict import Predictor
 def view_logits(network: torch.nn.Module, images: torch.Tensor, side: float, size: int) -> dict[str, torch.Tensor]:
     box = torch.tensor([[0.5 - side / 2, 0.5 - side / 2, 0.5 + side / 2, 0.5 + side / 2]]).expand(len(images), 4)
     views = {"whole": square_copy(images, size), "centre": crop(images, box_to_transform(box), (size, size))}
-    if isinstance(network, ObjectZoom):  # its own network on each view, no box of its own
-        return {name: network.classify_view(view, name, {})[1] for name, view in views.items()}
+    if isinstance(network, ObjectZoom):  # the centre crop takes the object view's place (and its own network)
+        return {name: network.classify_view(view, "object" if name == "centre" else name, {})[1]
+                for name, view in views.items()}  # fmt: skip
     return {name: network(view).logits for name, view in views.items()}
 
 
