@@ -33,7 +33,7 @@ CLASS_NAMES = ["Plain_Finch", "Red_crowned_Finch", "Gold_crowned_Hookbill", "Soo
 PREPROCESSING = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "img_size": 64, "crop_pct": 0.875,
                  "interpolation": "bilinear"}  # fmt: skip
 # Small sizes for whichever of these a network takes, so that any network in NETWORKS gets a tiny one.
-TINY_ARGS = {"num_parts": 2, "part_size": 32, "loc_size": 32, "zoom_size": 32, "apn_hidden": 16}
+TINY_ARGS = {"num_parts": 2, "part_size": 32, "loc_size": 32, "zoom_size": 32, "apn_hidden": 16, "share_network": False}
 
 
 def tiny_init_args(network: str) -> dict:

@@ -202,3 +202,4 @@ def test_recipes_parse(recipe, whole_size, capsys):
     out = capsys.readouterr().out
     assert "finegrain.models.ObjectZoom" in out and f"whole_size: {whole_size}" in out
     assert "attention: none" in out  # CBAM lost on validation measured on one VM (docs/benchmarks.md)
+    assert "share_network: false" in out  # the object view's own network won on validation (docs/benchmarks.md)

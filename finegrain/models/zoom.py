@@ -1,11 +1,12 @@
-"""Object zoom: the network's own activation map finds the bird, and the same network looks again, closer.
+"""Object zoom: the network's own activation map finds the bird, and a network looks again, closer.
 
 The AOLM step of MMAL-Net (Zhang et al., "Multi-branch and Multi-scale Attention Learning for Fine-Grained
 Visual Categorization", MMM 2021): sum the channels of the last stage's activation map, keep the positions above
-its mean, take the largest connected region; its bounding box is the object. No box regressor, no new parameters,
-one extra forward pass: the same backbone and classifier see the whole image and the object crop, are trained on
-both, and their logits are fused. The crop is sampled from the full-resolution input, never from the downscaled
-whole view. docs/methods.md ("Object zoom") has the design choices, docs/benchmarks.md the figures.
+its mean, take the largest connected region; its bounding box is the object. No box regressor, one extra forward
+pass: a backbone and classifier see the whole image; the same ones (MMAL-Net) or a copy of their own
+(`share_network=False`, the recipes' choice) see the object crop; both views are trained and their logits fused.
+The crop is sampled from the full-resolution input, never from the downscaled whole view. docs/methods.md
+("Object zoom") has the design choices, docs/benchmarks.md the figures.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def object_region(feature_map: Tensor) -> Tensor:
 
 @register_network
 class ObjectZoom(nn.Module):
-    """One timm CNN and one classifier on the whole image and on the object it finds in its own activation map.
+    """A timm CNN and classifier on the whole image, and on the object it finds in its own activation map.
 
     Args:
         num_classes: classes to predict.
