@@ -112,12 +112,15 @@ class ObjectZoom(nn.Module):
         groups = {**backbone_groups(self.backbone), "head": list(self.head.parameters())}
         if not self.share_network:
             for key, params in backbone_groups(self.object_backbone).items():
-                groups[key] = groups[key] + params
-            groups["head"] = groups["head"] + list(self.object_head.parameters())
+                groups[key] += params
+            groups["head"] += self.object_head.parameters()
         return groups
 
     def classify_view(self, images: Tensor, name: str, maps: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The last-stage map and logits of one view; its attention gates' maps into `maps` as "<name>.<key>"."""
+        """The last-stage map and logits of one view; its attention gates' maps into `maps` as "<name>.<key>".
+
+        `name` "object" runs the object view's own network where it has one; any other name runs the whole view's.
+        """
         own = name == "object" and not self.share_network
         backbone, head = (self.object_backbone, self.object_head) if own else (self.backbone, self.head)
         feature_map = backbone.forward_features(images)
